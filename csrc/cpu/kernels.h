@@ -1,0 +1,44 @@
+// CPU (OpenMP) kernels behind promptkit._C's *_cpu functions. All arrays are contiguous row-major; inputs are
+// float32 or float64 (`dtype` 0 or 1) and every output and every acc-type input (seg_scales, targets, lse,
+// grad_loss, inv_norm, lam) has the same type. Bad arguments throw std::invalid_argument.
+#pragma once
+
+#include <cstdint>
+
+namespace pk::cpu {
+
+// cos [B, N]; seg_offsets int64 [S + 1] = 0 < ... < N; seg_scales [S]. Writes max, min and logsumexp of
+// z = seg_scales[s] * cos over each segment's columns into out_max, out_min, out_lse [B, S].
+void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::int64_t* seg_offsets,
+                   const void* seg_scales, std::int64_t S, void* out_max, void* out_min, void* out_lse, int dtype);
+
+// cos [B, N]; kind 0: labels int64 [B]; kind 1: uniform; kind 2: targets [B, N]. Writes out_loss, out_lse [B].
+void xent_fwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int kind, const std::int64_t* labels,
+              const void* targets, void* out_loss, void* out_lse, int dtype);
+
+// As xent_fwd plus lse [B] (from the forward) and grad_loss [B]; writes out_dcos [B, N].
+void xent_bwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int kind, const std::int64_t* labels,
+              const void* targets, const void* lse, const void* grad_loss, void* out_dcos, int dtype);
+
+// x [R, D] -> out_y [R, D] = x / max(|x|, eps), out_inv_norm [R].
+void l2norm_fwd(const void* x, std::int64_t R, std::int64_t D, double eps, void* out_y, void* out_inv_norm,
+                int dtype);
+
+// dy, y [R, D], inv_norm [R] -> out_dx [R, D].
+void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_t R, std::int64_t D, void* out_dx,
+                int dtype);
+
+// a, b [B, D], lam [B] -> out [B, D] = normalize(lam * a + (1 - lam) * b).
+void mix(const void* a, const void* b, const void* lam, std::int64_t B, std::int64_t D, void* out, int dtype);
+
+// yn [C, K, D] unit rows -> out_loss (one scalar).
+void ortho_fwd(const void* yn, std::int64_t C, std::int64_t K, std::int64_t D, int mode, void* out_loss, int dtype);
+
+// yn [C, K, D], upstream scalar grad -> out_dyn [C, K, D].
+void ortho_bwd(const void* yn, std::int64_t C, std::int64_t K, std::int64_t D, int mode, double grad, void* out_dyn,
+               int dtype);
+
+// OpenMP threads the kernels use (1 without OpenMP).
+int max_threads();
+
+}  // namespace pk::cpu

@@ -1,0 +1,185 @@
+// CPU segment_stats, xent_fwd and xent_bwd: one pass over each row of the precomputed cosine matrix, folded
+// into the online max / sum-exp state chunk by chunk (a chunk's max pass and exp pass both hit L1).
+#include <algorithm>
+#include <string>
+
+#include "common/checks.h"
+#include "common/online_lse.h"
+#include "common/xent.h"
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
+
+namespace pk::cpu {
+namespace {
+
+template <class A> PK_CPU_CLONES void segment_rows(const A* cos, std::int64_t N, std::int64_t begin,
+                                                   std::int64_t end, const std::int64_t* offsets, const A* scales,
+                                                   std::int64_t S, A* out_max, A* out_min, A* out_lse) {
+  for (std::int64_t b = begin; b < end; ++b) {
+    const A* row = cos + b * N;
+    for (std::int64_t s = 0; s < S; ++s) {
+      const A scale = scales[s];
+      LseState<A> st = lse_empty<A>();
+      A seg_min = infinity<A>();
+      for (std::int64_t c0 = offsets[s]; c0 < offsets[s + 1]; c0 += kChunk) {
+        const std::int64_t len = std::min(kChunk, offsets[s + 1] - c0);
+        A max, min;
+        scaled_max_min(row + c0, len, scale, max, min);
+        const A shift = lse_shift(max);
+        A sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (std::int64_t i = 0; i < len; ++i) sum += exp_acc(mul_rn(scale, row[c0 + i]) - shift);
+        st = lse_merge(st, LseState<A>{max, sum});
+        seg_min = min < seg_min ? min : seg_min;
+      }
+      segment_finish(st, seg_min, out_max + b * S + s, out_min + b * S + s, out_lse + b * S + s);
+    }
+  }
+}
+
+template <class A, int KIND> PK_CPU_CLONES void xent_fwd_rows(const A* cos, std::int64_t N, std::int64_t begin,
+                                                              std::int64_t end, A scale, const std::int64_t* labels,
+                                                              const A* targets, A* out_loss, A* out_lse) {
+  const A inv_n = A(1) / A(N);
+  for (std::int64_t b = begin; b < end; ++b) {
+    const A* row = cos + b * N;
+    const A* target = KIND == kXentDense ? targets + b * N : nullptr;
+    const std::int64_t label = KIND == kXentIndex ? labels[b] : -1;
+    XentState<A> st = xent_empty<A>();
+    for (std::int64_t c0 = 0; c0 < N; c0 += kChunk) {
+      const std::int64_t len = std::min(kChunk, N - c0);
+      const A max = scaled_max(row + c0, len, scale);
+      const A shift = lse_shift(max);
+      A sum = 0, weighted = 0, weight = 0;
+#pragma omp simd reduction(+ : sum, weighted, weight)
+      for (std::int64_t i = 0; i < len; ++i) {
+        const std::int64_t n = c0 + i;
+        const A z = mul_rn(scale, row[n]);
+        const A w = xent_weight<KIND>(n, label, inv_n, KIND == kXentDense ? target[n] : A(0));
+        sum += exp_acc(z - shift);
+        weighted += w * (z - shift);
+        weight += w;
+      }
+      st = xent_merge(st, XentState<A>{{max, sum}, weighted, weight});
+    }
+    out_lse[b] = lse_value(st.lse);
+    out_loss[b] = xent_loss(xent_mass<KIND>(st.weight), st);
+  }
+}
+
+template <class A, int KIND> PK_CPU_CLONES void xent_bwd_rows(const A* cos, std::int64_t N, std::int64_t begin,
+                                                              std::int64_t end, A scale, const std::int64_t* labels,
+                                                              const A* targets, const A* lse, const A* grad_loss,
+                                                              A* out_dcos) {
+  const A inv_n = A(1) / A(N);
+  for (std::int64_t b = begin; b < end; ++b) {
+    const A* row = cos + b * N;
+    const A* target = KIND == kXentDense ? targets + b * N : nullptr;
+    const std::int64_t label = KIND == kXentIndex ? labels[b] : -1;
+    A weight = 0;
+    if (KIND == kXentDense) {
+#pragma omp simd reduction(+ : weight)
+      for (std::int64_t n = 0; n < N; ++n) weight += target[n];
+    }
+    const A mass = xent_mass<KIND>(weight);
+    const A grad_scale = grad_loss[b] * scale;
+    const A row_lse = lse[b];
+    A* out = out_dcos + b * N;
+#pragma omp simd
+    for (std::int64_t n = 0; n < N; ++n) {
+      const A w = xent_weight<KIND>(n, label, inv_n, KIND == kXentDense ? target[n] : A(0));
+      out[n] = xent_dcos(grad_scale, mass, exp_acc(mul_rn(scale, row[n]) - row_lse), w);
+    }
+  }
+}
+
+void check_xent(const char* fn, const void* cos, std::int64_t B, std::int64_t N, int kind,
+                const std::int64_t* labels, const void* targets) {
+  require_at_least(fn, "B", B, 0);
+  require_at_least(fn, "N", N, 1);
+  require_kind(fn, kind);
+  if (B > 0) require_ptr(fn, "cos", cos);
+  if (kind == kXentIndex && B > 0) {
+    require_ptr(fn, "labels", labels);
+    for (std::int64_t b = 0; b < B; ++b)
+      if (labels[b] < 0 || labels[b] >= N)
+        invalid(fn, "labels[" + std::to_string(b) + "] = " + std::to_string(labels[b]) + " is outside [0, N = " +
+                        std::to_string(N) + ")");
+  }
+  if (kind == kXentDense && B > 0) require_ptr(fn, "targets", targets);
+}
+
+}  // namespace
+
+void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::int64_t* seg_offsets,
+                   const void* seg_scales, std::int64_t S, void* out_max, void* out_min, void* out_lse, int dtype) {
+  const char* fn = "segment_stats_cpu";
+  require_at_least(fn, "B", B, 0);
+  require_at_least(fn, "N", N, 1);
+  require_at_least(fn, "S", S, 1);
+  require_ptr(fn, "seg_offsets", seg_offsets);
+  require_ptr(fn, "seg_scales", seg_scales);
+  if (seg_offsets[0] != 0 || seg_offsets[S] != N)
+    invalid(fn, "seg_offsets must start at 0 and end at N = " + std::to_string(N) + ", got " +
+                    std::to_string(seg_offsets[0]) + " ... " + std::to_string(seg_offsets[S]));
+  for (std::int64_t s = 0; s < S; ++s)
+    if (seg_offsets[s + 1] <= seg_offsets[s])
+      invalid(fn, "seg_offsets must increase strictly (no empty segment), got seg_offsets[" + std::to_string(s) +
+                      "] = " + std::to_string(seg_offsets[s]) + " and seg_offsets[" + std::to_string(s + 1) +
+                      "] = " + std::to_string(seg_offsets[s + 1]));
+  dispatch_dtype(fn, dtype, [&](auto tag) {
+    using A = decltype(tag);
+    if (B == 0) return;
+    require_ptr(fn, "cos", cos);
+    require_ptr(fn, "out_max", out_max);
+    require_ptr(fn, "out_min", out_min);
+    require_ptr(fn, "out_lse", out_lse);
+    parallel_ranges(B, B * N, [&](std::int64_t begin, std::int64_t end) {
+      segment_rows<A>(static_cast<const A*>(cos), N, begin, end, seg_offsets, static_cast<const A*>(seg_scales), S,
+                      static_cast<A*>(out_max), static_cast<A*>(out_min), static_cast<A*>(out_lse));
+    });
+  });
+}
+
+void xent_fwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int kind, const std::int64_t* labels,
+              const void* targets, void* out_loss, void* out_lse, int dtype) {
+  const char* fn = "xent_fwd_cpu";
+  dispatch_dtype(fn, dtype, [&](auto tag) {
+    using A = decltype(tag);
+    check_xent(fn, cos, B, N, kind, labels, targets);
+    if (B > 0) {
+      require_ptr(fn, "out_loss", out_loss);
+      require_ptr(fn, "out_lse", out_lse);
+    }
+    dispatch_kind(fn, kind, [&](auto kind_tag) {
+      parallel_ranges(B, B * N, [&](std::int64_t begin, std::int64_t end) {
+        xent_fwd_rows<A, decltype(kind_tag)::value>(static_cast<const A*>(cos), N, begin, end, A(scale), labels,
+                                                    static_cast<const A*>(targets), static_cast<A*>(out_loss),
+                                                    static_cast<A*>(out_lse));
+      });
+    });
+  });
+}
+
+void xent_bwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int kind, const std::int64_t* labels,
+              const void* targets, const void* lse, const void* grad_loss, void* out_dcos, int dtype) {
+  const char* fn = "xent_bwd_cpu";
+  dispatch_dtype(fn, dtype, [&](auto tag) {
+    using A = decltype(tag);
+    check_xent(fn, cos, B, N, kind, labels, targets);
+    if (B > 0) {
+      require_ptr(fn, "lse", lse);
+      require_ptr(fn, "grad_loss", grad_loss);
+      require_ptr(fn, "out_dcos", out_dcos);
+    }
+    dispatch_kind(fn, kind, [&](auto kind_tag) {
+      parallel_ranges(B, B * N, [&](std::int64_t begin, std::int64_t end) {
+        xent_bwd_rows<A, decltype(kind_tag)::value>(static_cast<const A*>(cos), N, begin, end, A(scale), labels,
+                                                    static_cast<const A*>(targets), static_cast<const A*>(lse),
+                                                    static_cast<const A*>(grad_loss), static_cast<A*>(out_dcos));
+      });
+    });
+  });
+}
+
+}  // namespace pk::cpu

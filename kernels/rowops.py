@@ -1,0 +1,153 @@
+"""Row-wise ops on feature matrices: L2 normalisation (forward and backward) and normalised mixup."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, check_float, check_same, row_tiles, scalar
+
+MIX_EPS = 1e-12  # the norm floor of mix's re-normalisation (torch.nn.functional.normalize's default)
+
+
+@triton.jit
+def _l2norm_fwd_kernel(x_ptr, eps_ptr, y_ptr, inv_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    ACC: tl.constexpr = inv_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    base = rows.to(tl.int64)[:, None] * D
+    sumsq = tl.zeros((BLOCK_R,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + base + d[None, :], mask=row_mask[:, None] & (d < D)[None, :], other=0.0).to(ACC)
+        sumsq += tl.sum(x * x, 1)
+    inv = 1.0 / tl.maximum(tl.sqrt(sumsq), tl.load(eps_ptr), propagate_nan=tl.PropagateNan.ALL)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (d < D)[None, :]
+        x = tl.load(x_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
+        tl.store(y_ptr + base + d[None, :], (x * inv[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(inv_ptr + rows, inv, mask=row_mask)
+
+
+@triton.jit
+def _l2norm_bwd_kernel(dy_ptr, y_ptr, inv_ptr, dx_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    ACC: tl.constexpr = dx_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    base = rows.to(tl.int64)[:, None] * D
+    dot = tl.zeros((BLOCK_R,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (d < D)[None, :]
+        dy = tl.load(dy_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
+        y = tl.load(y_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
+        dot += tl.sum(dy * y, 1)
+    inv = tl.load(inv_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (d < D)[None, :]
+        dy = tl.load(dy_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
+        y = tl.load(y_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
+        tl.store(dx_ptr + base + d[None, :], inv[:, None] * (dy - y * dot[:, None]), mask=mask)
+
+
+@triton.jit
+def _mix_kernel(a_ptr, b_ptr, lam_ptr, eps_ptr, out_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    ACC: tl.constexpr = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    base = rows.to(tl.int64)[:, None] * D
+    lam = tl.load(lam_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
+    sumsq = tl.zeros((BLOCK_R,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (d < D)[None, :]
+        a = tl.load(a_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
+        b = tl.load(b_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
+        m = lam * a + (1.0 - lam) * b
+        sumsq += tl.sum(m * m, 1)
+    inv = 1.0 / tl.maximum(tl.sqrt(sumsq), tl.load(eps_ptr), propagate_nan=tl.PropagateNan.ALL)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (d < D)[None, :]
+        a = tl.load(a_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
+        b = tl.load(b_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
+        tl.store(out_ptr + base + d[None, :], (lam * a + (1.0 - lam) * b) * inv[:, None], mask=mask)
+
+
+def l2norm_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise L2 normalisation ``y = x / max(||x||, eps)``.
+
+    Args:
+        x: [R, D] features (fp16/bf16/fp32/fp64).
+        eps: floor of the norm (> 0).
+
+    Returns:
+        (y [R, D] in x's dtype, inv_norm [R] = 1 / max(||x||, eps) in the accumulation dtype).
+    """
+    x = check_float("l2norm_fwd", "x", x, 2)
+    if not eps > 0:
+        raise ValueError(f"l2norm_fwd: eps must be > 0, got {eps}")
+    R, D = x.shape
+    acc = acc_dtype(x)
+    y = torch.empty_like(x)
+    inv = torch.empty(R, dtype=acc, device=x.device)
+    if R == 0:
+        return y, inv
+    br, bd = row_tiles(R, D)
+    _l2norm_fwd_kernel[(triton.cdiv(R, br),)](x, scalar(eps, acc, x.device), y, inv, R, D, BLOCK_R=br, BLOCK_D=bd)
+    return y, inv
+
+
+def l2norm_bwd(dy: torch.Tensor, y: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+    """Gradient of l2norm_fwd: ``dx = inv_norm * (dy - y * <dy, y>)`` per row.
+
+    Args:
+        dy: [R, D] upstream gradient (any strides, e.g. zero-stride from ``.sum().backward()``).
+        y: [R, D] l2norm_fwd's output.
+        inv_norm: [R] l2norm_fwd's inverse norms.
+
+    Returns:
+        dx [R, D] in the accumulation dtype of y.
+    """
+    fn = "l2norm_bwd"
+    y = check_float(fn, "y", y, 2)
+    dy = check_float(fn, "dy", dy, 2)
+    inv_norm = check_float(fn, "inv_norm", inv_norm, 1)
+    check_same(fn, "y", y, "dy", dy, shape=tuple(y.shape), same_dtype=False)
+    check_same(fn, "y", y, "inv_norm", inv_norm, shape=(y.shape[0],), same_dtype=False)
+    R, D = y.shape
+    dx = torch.empty((R, D), dtype=acc_dtype(y), device=y.device)
+    if R == 0:
+        return dx
+    br, bd = row_tiles(R, D)
+    _l2norm_bwd_kernel[(triton.cdiv(R, br),)](dy, y, inv_norm, dx, R, D, BLOCK_R=br, BLOCK_D=bd)
+    return dx
+
+
+def mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Normalised mixup ``normalize(lam * a + (1 - lam) * b)`` per row (norm floored at MIX_EPS).
+
+    Args:
+        a: [B, D] features (fp16/bf16/fp32/fp64).
+        b: [B, D] features, same dtype and device.
+        lam: [B] mixing weights (any float dtype).
+
+    Returns:
+        [B, D] unit rows in the accumulation dtype.
+    """
+    a = check_float("mix", "a", a, 2)
+    b = check_float("mix", "b", b, 2)
+    lam = check_float("mix", "lam", lam, 1)
+    check_same("mix", "a", a, "b", b, shape=tuple(a.shape))
+    check_same("mix", "a", a, "lam", lam, shape=(a.shape[0],), same_dtype=False)
+    R, D = a.shape
+    acc = acc_dtype(a)
+    out = torch.empty((R, D), dtype=acc, device=a.device)
+    if R == 0:
+        return out
+    br, bd = row_tiles(R, D)
+    _mix_kernel[(triton.cdiv(R, br),)](a, b, lam, scalar(MIX_EPS, acc, a.device), out, R, D, BLOCK_R=br, BLOCK_D=bd)
+    return out

@@ -1,0 +1,81 @@
+"""Per-segment max, min and logsumexp of scaled cosine logits, without materialising the [B, N] logits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (acc_dtype, check_features, cos_tile, dot_precision, dot_tiles, nan_of,
+                      online_lse_step, upcast_dot)
+
+
+@triton.jit
+def _segment_stats_kernel(img_ptr, txt_ptr, offsets_ptr, scales_ptr, max_ptr, min_ptr, lse_ptr, B, D, S,
+                          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    ACC: tl.constexpr = max_ptr.dtype.element_ty
+    seg = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    start = tl.load(offsets_ptr + seg)
+    end = tl.load(offsets_ptr + seg + 1)
+    scale = tl.load(scales_ptr + seg)
+    run_max = tl.full((BLOCK_B,), float("-inf"), ACC)
+    run_min = tl.full((BLOCK_B,), float("inf"), ACC)
+    total = tl.zeros((BLOCK_B,), ACC)
+    nan = tl.zeros((BLOCK_B,), ACC)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < end
+        z = scale * cos_tile(img_ptr, txt_ptr, rows, cols, row_mask, col_mask, D,
+                             BLOCK_B, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
+        z_hi = tl.where(col_mask[None, :], z, float("-inf"))  # padded lanes may hold inf * 0 = NaN
+        nan += nan_of(z_hi, 1)
+        z_lo = tl.where(col_mask[None, :], z, float("inf"))
+        run_min = tl.minimum(run_min, tl.min(z_lo, 1))
+        run_max, total = online_lse_step(run_max, total, z_hi)
+    out = rows.to(tl.int64) * S + seg
+    tl.store(max_ptr + out, run_max + nan, mask=row_mask)
+    tl.store(min_ptr + out, run_min + nan, mask=row_mask)
+    tl.store(lse_ptr + out, run_max + tl.log(total), mask=row_mask)
+
+
+def segment_stats(img: torch.Tensor, txt: torch.Tensor, seg_offsets: Sequence[int],
+                  seg_scales: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Max, min and logsumexp of ``z = seg_scales[s] * img @ txt[seg_offsets[s]:seg_offsets[s+1]].T`` per segment.
+
+    One launch covers all segments; the [B, N] logits are never written.
+
+    Args:
+        img: [B, D] unit-norm image features (fp16/bf16/fp32/fp64).
+        txt: [N, D] unit-norm text features, same dtype and device as ``img``.
+        seg_offsets: S + 1 non-decreasing column offsets within [0, N].
+        seg_scales: S logit scales (any sign; max and min are of the scaled logits).
+
+    Returns:
+        (max, min, lse), each [B, S] in the accumulation dtype. An empty segment gives (-inf, +inf, -inf).
+    """
+    img, txt = check_features("segment_stats", img, txt)
+    (B, D), N = img.shape, txt.shape[0]
+    offsets, scales = [int(o) for o in seg_offsets], [float(s) for s in seg_scales]
+    S = len(scales)
+    if S == 0 or len(offsets) != S + 1:
+        raise ValueError(f"segment_stats: need S >= 1 scales and S + 1 offsets, "
+                         f"got {S} scales and {len(offsets)} offsets")
+    if offsets[0] < 0 or offsets[-1] > N or any(lo > hi for lo, hi in zip(offsets, offsets[1:])):
+        raise ValueError(f"segment_stats: seg_offsets {offsets} must be non-decreasing within [0, {N}]")
+    acc = acc_dtype(img)
+    stats = tuple(torch.empty((B, S), dtype=acc, device=img.device) for _ in range(3))
+    if B == 0:
+        return stats
+    widest = max(hi - lo for lo, hi in zip(offsets, offsets[1:]))
+    bb, bn, bd = dot_tiles(B, widest, D, acc)
+    offsets_t = torch.tensor(offsets, dtype=torch.int32, device=img.device)
+    scales_t = torch.tensor(scales, dtype=acc, device=img.device)
+    _segment_stats_kernel[(triton.cdiv(B, bb), S)](img, txt, offsets_t, scales_t, *stats, B, D, S,
+                                                    BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
+                                                    UPCAST=upcast_dot(img.dtype), PRECISION=dot_precision(img.dtype))
+    return stats

@@ -1,0 +1,307 @@
+"""The ``promptkit`` command: train, eval, score, extract, compare, info.
+
+Exit codes: 0 success, 1 a user or data error (one line on stderr, no traceback), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from promptkit.data.atomic import atomic_write
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, RuntimeError, FloatingPointError)
+
+
+def _add_model_args(parser: argparse.ArgumentParser, default_model: str | None = "promptkit-tiny") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default_model,
+                       help="open_clip model name (default: the embedded promptkit-tiny)")
+    group.add_argument("--pretrained", default=None,
+                       help="pretrained tag (e.g. openai, needs the weights in the local cache) or a weights "
+                            "file (.safetensors/.bin/.pt)")
+    group.add_argument("--quick-gelu", choices=["auto", "yes", "no"], default="auto",
+                       help="QuickGELU activations (OpenAI weights need them; auto detects)")
+
+
+def _add_data_args(parser: argparse.ArgumentParser, with_train: bool = True) -> None:
+    group = parser.add_argument_group("data (none given: the embedded default)")
+    if with_train:
+        group.add_argument("--train", help="ID training images: an image folder (one subfolder per class) or a "
+                                            "list file of `path label` lines")
+    group.add_argument("--id", help="ID test images: folder or list file")
+    group.add_argument("--ood", action="append", default=[], metavar="NAME=DIR",
+                       help="an OOD test set (repeat for several)")
+    group.add_argument("--benchmark", help="a standard protocol: imagenet1k, imagenet100, imagenet10, imagenet20")
+    group.add_argument("--data-root", help="folder with the benchmark's data (see promptkit.data.specs)")
+    group.add_argument("--classes", help="a text file of ID class names, one per line, in label order")
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    group.add_argument("--backend", default="auto", help="op backend: auto, torch, cpp, triton, cuda")
+    group.add_argument("--cache-dir", default=None, help="feature cache (default $PROMPTKIT_CACHE or "
+                                                          "~/.cache/promptkit/features)")
+    group.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
+    group.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
+                       help="unreadable images: skip with a warning and a count (default), or fail naming the file")
+    group.add_argument("--fpr-positive", choices=["id", "ood"], default="id",
+                       help="FPR95 convention: id (MCM/LSN/NegPrompt tables) or ood (OpenOOD/LAPT)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--plots", action="store_true", help="also write score histograms and ROC curves")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from promptkit.methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="promptkit", description="Prompt learning for OOD detection with CLIP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="learn prompts (or set up a zero-shot method), evaluate, save")
+    train.add_argument("--method", required=True, choices=sorted(METHODS))
+    train.add_argument("--shots", type=int, default=16, help="training images per class (0: all)")
+    train.add_argument("--seed", type=int, default=1)
+    train.add_argument("--output", help="folder for prompts and metrics (default promptkit_runs/METHOD-seedS)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a method setting, e.g. --set epochs=10 (see the method's Config)")
+    _add_model_args(train)
+    _add_data_args(train)
+    _add_run_args(train)
+
+    evaluate = sub.add_parser("eval", help="evaluate saved prompts on ID and OOD sets")
+    evaluate.add_argument("--prompts", required=True, help="folder written by `promptkit train`")
+    evaluate.add_argument("--output", help="folder for metrics.json (default: the prompts folder)")
+    _add_model_args(evaluate, default_model=None)
+    _add_data_args(evaluate, with_train=False)
+    _add_run_args(evaluate)
+
+    score = sub.add_parser("score", help="score images with saved prompts and write a CSV with ID/OOD decisions")
+    score.add_argument("--prompts", required=True)
+    score.add_argument("--images", required=True, help="image folder or list file")
+    score.add_argument("--output", help="CSV file (default: scores.csv in the prompts folder)")
+    _add_model_args(score, default_model=None)
+    _add_run_args(score)
+
+    extract = sub.add_parser("extract", help="fill the feature cache for a set of images")
+    extract.add_argument("--images", required=True, help="image folder, list file or embedded:<split>")
+    _add_model_args(extract)
+    _add_run_args(extract)
+
+    compare = sub.add_parser("compare", help="train and evaluate several methods over several seeds")
+    compare.add_argument("--methods", required=True, help="comma-separated, e.g. mcm,coop")
+    compare.add_argument("--seeds", default="1,2,3")
+    compare.add_argument("--shots", type=int, default=16)
+    compare.add_argument("--output", default="promptkit_runs/compare")
+    compare.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                         help="override a setting of one method, e.g. --set coop.epochs=10")
+    _add_model_args(compare)
+    _add_data_args(compare)
+    _add_run_args(compare)
+
+    sub.add_parser("info", help="versions, built backends, and why any backend is missing")
+    return parser
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> {KEY: python value} (numbers, None, booleans and lists parsed; else str)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            settings[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            settings[key] = raw
+    return settings
+
+
+def _options(args):
+    from promptkit.pipeline import RunOptions
+
+    return RunOptions(device=args.device, backend=args.backend, cache_dir=args.cache_dir,
+                      batch_size=args.batch_size, on_bad_image=args.on_bad_image,
+                      progress=not args.no_progress and sys.stderr.isatty(), positive=args.fpr_positive)
+
+
+def _quick_gelu(args) -> bool | None:
+    return {"auto": None, "yes": True, "no": False}[args.quick_gelu]
+
+
+def _clip(args, meta: dict | None = None):
+    from promptkit.clip import load_clip
+
+    name, pretrained = args.model, args.pretrained
+    if name is None:  # eval/score: the model the prompts were learned on, unless the user names one
+        name = meta["model"]["name"] if meta else "promptkit-tiny"
+        pretrained = pretrained or (meta["model"]["pretrained"] if meta else None)
+    return load_clip(name, pretrained, device=args.device, quick_gelu=_quick_gelu(args))
+
+
+def _data(args, with_train: bool = True):
+    from promptkit.pipeline import resolve_datasets
+
+    return resolve_datasets(getattr(args, "train", None) if with_train else None, args.id, args.ood,
+                            args.benchmark, args.data_root, args.classes)
+
+
+def _write_reports(directory: Path, metrics: dict, scores: dict | None, plots: bool) -> str:
+    from promptkit.eval.report import markdown_table, plot_histograms, plot_roc, write_json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "metrics.json", metrics)
+    table = markdown_table(metrics)
+    with atomic_write(directory / "metrics.md") as tmp:
+        tmp.write_text(table + "\n")
+    if plots and scores:
+        ood = {k: v for k, v in scores.items() if k != "id"}
+        plot_histograms(scores["id"], ood, directory / "score_histograms.png")
+        plot_roc(scores["id"], ood, directory / "roc.png")
+    return table
+
+
+def cmd_train(args) -> None:
+    from promptkit.pipeline import output_dir, train_and_evaluate
+
+    clip = _clip(args)
+    data = _data(args)
+    result = train_and_evaluate(args.method, clip, data, args.shots, args.seed, parse_settings(args.set),
+                                _options(args))
+    out = output_dir(args.output, args.method, args.seed)
+    result.method.save(out)
+    print(_write_reports(out, result.metrics, result.scores, args.plots))
+    print(f"\nsaved prompts and metrics to {out}")
+
+
+def cmd_eval(args) -> None:
+    from promptkit.methods import load_method
+    from promptkit.methods.base import read_metadata
+    from promptkit.pipeline import evaluate, features_of
+
+    meta = read_metadata(args.prompts)
+    clip = _clip(args, meta)
+    method = load_method(args.prompts, clip, backend=args.backend)
+    data = _data(args, with_train=False)
+    if data.class_names != method.class_names:
+        raise ValueError(f"the ID set's classes ({len(data.class_names)}) differ from the prompts' classes "
+                         f"({len(method.class_names)}); pass --classes FILE with the training class list")
+    options = _options(args)
+    id_features, id_labels = features_of(clip, data.id, options)
+    ood = {name: features_of(clip, source, options)[0] for name, source in data.ood.items()}
+    metrics = evaluate(method, id_features, id_labels, ood, options.positive)
+    scores = metrics.pop("scores")
+    metrics.update(method=method.name, model=f"{clip.name} ({clip.pretrained})", seed=method.config.__dict__.get(
+        "seed"), data=data.description, prompts=str(args.prompts))
+    print(_write_reports(Path(args.output or args.prompts), metrics, scores, args.plots))
+
+
+def cmd_score(args) -> None:
+    from promptkit.data.cache import extract_features
+    from promptkit.data.sources import open_source
+    from promptkit.methods import load_method
+    from promptkit.methods.base import read_metadata
+
+    meta = read_metadata(args.prompts)
+    clip = _clip(args, meta)
+    method = load_method(args.prompts, clip, backend=args.backend)
+    source = open_source(args.images)
+    options = _options(args)
+    result = extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
+                              cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress)
+    scores, predicted = method.score(result.features.to(options.device))
+    out = Path(args.output) if args.output else Path(args.prompts) / "scores.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "score", "predicted_class", "decision"])
+        for row, index in enumerate(result.kept.tolist()):
+            value = float(scores[row])
+            decision = "ID" if method.threshold is None or value >= method.threshold else "OOD"
+            writer.writerow([source.describe(index), f"{value:.6g}", method.class_names[int(predicted[row])],
+                             decision])
+    flagged = sum(1 for v in scores.tolist() if method.threshold is not None and v < method.threshold)
+    print(f"scored {len(result.kept)} images ({len(result.skipped)} unreadable skipped), {flagged} flagged OOD "
+          f"at threshold {method.threshold}: {out}")
+
+
+def cmd_extract(args) -> None:
+    from promptkit.data.cache import extract_features
+    from promptkit.data.sources import open_source
+
+    clip = _clip(args)
+    source = open_source(args.images)
+    options = _options(args)
+    result = extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
+                              cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress)
+    print(f"{len(result.kept)} image features of size {result.features.shape[1]} cached "
+          f"({len(result.skipped)} unreadable skipped)")
+
+
+def cmd_compare(args) -> None:
+    from promptkit.eval.report import compare_table, write_json
+    from promptkit.pipeline import train_and_evaluate
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for key, value in parse_settings(args.set).items():
+        method, dot, setting = key.partition(".")
+        if not dot or method not in per_method:
+            raise ValueError(f"--set for compare expects METHOD.KEY=VALUE with METHOD in {methods}, got {key!r}")
+        per_method[method][setting] = value
+    clip, data, options = _clip(args), _data(args), _options(args)
+    runs = []
+    for method in methods:
+        for seed in seeds:
+            result = train_and_evaluate(method, clip, data, args.shots, seed, per_method[method], options)
+            runs.append(result.metrics)
+            print(f"{method} seed {seed}: mean AUROC {result.metrics['mean']['auroc']:.4f}, "
+                  f"FPR95 {result.metrics['mean']['fpr95']:.4f}, ID acc {result.metrics['id_accuracy']}",
+                  file=sys.stderr)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    table = compare_table(runs)
+    write_json(out / "compare.json", {"runs": runs, "methods": methods, "seeds": seeds})
+    with atomic_write(out / "compare.md") as tmp:
+        tmp.write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out / 'compare.json'} and {out / 'compare.md'}")
+
+
+def cmd_info(args) -> None:
+    from promptkit.info import report
+
+    print(report())
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "score": cmd_score, "extract": cmd_extract,
+            "compare": cmd_compare, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if os.environ.get("PROMPTKIT_DEBUG"):
+        COMMANDS[args.command](args)
+        return 0
+    try:
+        COMMANDS[args.command](args)
+    except USER_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"promptkit {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("promptkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Evaluation: OOD metrics (both FPR95 conventions), accuracy, JSON / Markdown reports and plots."""
+
+from promptkit.eval.metrics import accuracy, calibrate_threshold, fpr_at_95_tpr, ood_metrics
+from promptkit.eval.report import markdown_table, plot_histograms, plot_roc, summarize, write_json
+
+__all__ = [
+    "accuracy",
+    "calibrate_threshold",
+    "fpr_at_95_tpr",
+    "markdown_table",
+    "ood_metrics",
+    "plot_histograms",
+    "plot_roc",
+    "summarize",
+    "write_json",
+]

@@ -1,0 +1,142 @@
+"""LSN, "Learn to Say No" (Nie et al., ICLR 2024): class-wise negative prompts next to a CoOp positive prompt.
+
+Stage 1 learns a shared positive context (CoOp). Stage 2 learns K sets of class-specific negative contexts with
+the negative loss (Eq. 5-6) plus lambda times the semantic orthogonality loss (Eq. 7). The sets are trained in
+turn, one epoch each (as the official code does): while set k trains, the other sets' text features are
+computed once and held fixed, so each step encodes only the C prompts being learned.
+Test score (Eq. 13-14): S_MCM(T) - mean_k S_MinCM_k(neg_T).
+
+``compat="official-code"`` switches to the released code's choices: lambda = 1, negative lr 2e-3, cross-entropy
+on already-softmaxed logits (a double softmax), and the test score MCM + mean_k max_c softmax((1 - cos) / 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from promptkit import ops
+from promptkit.clip import PromptLearner
+from promptkit.methods.base import Method, cosine_lr, train_loop
+from promptkit.methods.coop import fit_positive_prompts
+from promptkit.methods.mcm import score_and_classify
+
+COMPAT = ("paper", "official-code")
+
+
+@dataclass
+class LSNConfig:
+    compat: str = "paper"
+    # stage 1: positive prompt (CoOp, shared context)
+    n_ctx: int = 16
+    pos_epochs: int = 50
+    pos_batch_size: int = 8
+    pos_lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # stage 2: K sets of class-specific negative prompts
+    n_neg_ctx: int = 16
+    n_sets: int = 3
+    neg_epochs: int = 100
+    neg_batch_size: int = 8
+    neg_lr: float = 1e-3
+    neg_temperature_train: float = 0.05
+    ortho_weight: float = 0.1
+    double_softmax: bool = False
+    # test score
+    temperature: float = 1.0
+    neg_temperature: float = 5.0
+    score: str = "paper"  # "paper": MCM - MinCM; "official": MCM + mean_k max softmax((1 - cos) / neg_T)
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.compat not in COMPAT:
+            raise ValueError(f"lsn: compat must be one of {COMPAT}, got {self.compat!r}")
+        if self.compat == "official-code":
+            self.ortho_weight, self.neg_lr, self.double_softmax, self.score = 1.0, 2e-3, True, "official"
+        if self.score not in ("paper", "official"):
+            raise ValueError(f"lsn: score must be 'paper' or 'official', got {self.score!r}")
+
+
+class LSN(Method):
+    """Positive CoOp prompt + K sets of class-specific negative prompts."""
+
+    name = "lsn"
+    Config = LSNConfig
+
+    def __init__(self, clip, class_names, config=None, backend="auto"):
+        super().__init__(clip, class_names, config, backend)
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.positive = PromptLearner(clip, self.class_names, n_ctx=c.n_ctx)
+        self.negative = PromptLearner(clip, self.class_names, n_ctx=c.n_neg_ctx, n_sets=c.n_sets,
+                                      class_specific=True)
+
+    def fit(self, features: Tensor, labels: Tensor, progress: bool = True) -> "LSN":
+        c = self.config
+        self.info["positive_loss"] = fit_positive_prompts(
+            self.positive, self.clip, features, labels, c.pos_epochs, c.pos_batch_size, c.pos_lr, c.momentum,
+            c.weight_decay, 0, c.seed, self.backend, progress, "lsn positive")
+        self.info["negative_loss"] = self._fit_negatives(features, labels, progress)
+        return self
+
+    def _negative_loss(self, image: Tensor, neg_text: Tensor, labels: Tensor) -> Tensor:
+        c = self.config
+        if c.double_softmax:  # the released code feeds softmax outputs to cross_entropy
+            logits = (1 - ops.cosine_logits(image, neg_text, backend=self.backend)) / c.neg_temperature_train
+            return F.cross_entropy(torch.softmax(logits, dim=-1), labels)
+        return ops.lsn_negative_loss(image, neg_text, labels, c.neg_temperature_train, backend=self.backend)
+
+    def _fit_negatives(self, features: Tensor, labels: Tensor, progress: bool) -> list[list[float]]:
+        c = self.config
+        ctx = self.negative.ctx  # [K, C, n_ctx, W]
+        optimizers = [torch.optim.Adam([ctx], lr=c.neg_lr) for _ in range(c.n_sets)]
+        schedulers = [cosine_lr(opt, c.neg_epochs) for opt in optimizers]
+        history: list[list[float]] = [[] for _ in range(c.n_sets)]
+        for epoch in tqdm(range(c.neg_epochs), desc="lsn negatives", disable=not progress, leave=False):
+            for k in range(c.n_sets):
+                with torch.no_grad():  # the other sets' features, fixed while set k trains
+                    frozen = self.negative().detach()  # [K, C, E]
+
+                def loss_fn(index: Tensor, k: int = k, frozen: Tensor = frozen) -> Tensor:
+                    current = self.negative(sets=[k])[0]  # [C, E]
+                    sets = torch.cat([frozen[:k], current[None], frozen[k + 1:]])
+                    loss = self._negative_loss(features[index], current, labels[index])
+                    ortho = ops.orthogonality_loss(sets.transpose(0, 1), "abs_sum", backend=self.backend)
+                    return loss + c.ortho_weight * ortho
+
+                # Only slice k of ctx receives gradient, so optimizer k (its own Adam state) moves set k alone.
+                history[k] += train_loop(loss_fn, [ctx], optimizers[k], len(features), 1, c.neg_batch_size,
+                                         c.seed * 1000 + epoch * c.n_sets + k, f"lsn negatives set {k}",
+                                         progress=False)
+                schedulers[k].step()
+        return history
+
+    @torch.no_grad()
+    def text_features(self) -> tuple[Tensor, Tensor]:
+        """Positive [C, E] and negative [C, K, E] raw text features."""
+        return self.positive()[0], self.negative().transpose(0, 1)
+
+    @torch.no_grad()
+    def score(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.config
+        pos, neg = (t.to(features) for t in self.text_features())
+        mcm, predicted = score_and_classify(features, pos, c.temperature, self.backend)
+        if c.score == "official":
+            # max_c softmax(-cos / neg_T) is the MCM of the negated negative prompts at neg_T.
+            extra = torch.stack([ops.mcm_score(features, -neg[:, k], c.neg_temperature, backend=self.backend)
+                                 for k in range(neg.shape[1])]).mean(dim=0)
+            return mcm + extra, predicted
+        score = ops.lsn_score(features, pos, neg, c.temperature, c.neg_temperature, backend=self.backend)
+        return score, predicted
+
+    def state(self) -> dict[str, Tensor]:
+        return {"positive_ctx": self.positive.ctx, "negative_ctx": self.negative.ctx}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        self.positive.ctx.data.copy_(tensors["positive_ctx"])
+        self.negative.ctx.data.copy_(tensors["negative_ctx"])

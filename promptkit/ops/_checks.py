@@ -1,0 +1,59 @@
+"""Input validation shared by the public ops: every problem is one ValueError naming the argument."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from promptkit.ops._backends import resolve_backend
+
+
+def _values_checkable() -> bool:
+    """Value checks (NaN, label range) need data; inside torch.compile tracing only shapes are checked."""
+    return not torch.compiler.is_compiling()
+
+
+def features(name: str, x: Tensor, ndim: int | tuple[int, ...], dim: int | None = None) -> None:
+    """Check a floating feature tensor: its rank, non-empty sizes, the feature size and finite values."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    ranks = (ndim,) if isinstance(ndim, int) else ndim
+    if x.ndim not in ranks:
+        expected = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+    if any(size == 0 for size in x.shape):
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); it needs at least one row per class/sample")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"{name} has feature size {x.shape[-1]} but the image features have {dim}")
+    if _values_checkable() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+
+
+def same_device(**tensors: Tensor) -> torch.device:
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
+        raise ValueError(f"inputs must be on one device: {listing}")
+    return devices.pop()
+
+
+def positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def labels(x: Tensor, batch: int, num_classes: int) -> None:
+    if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.ndim != 1:
+        raise ValueError(f"labels must be a 1-D int64 tensor, got {getattr(x, 'dtype', type(x).__name__)} "
+                         f"of shape {tuple(getattr(x, 'shape', ()))}")
+    if x.shape[0] != batch:
+        raise ValueError(f"labels has {x.shape[0]} entries for {batch} images")
+    if batch and _values_checkable() and (int(x.min()) < 0 or int(x.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{int(x.min())}, {int(x.max())}]")
+
+
+def backend_for(backend: str, *tensors: Tensor) -> str:
+    return resolve_backend(backend, tensors[0].device)

@@ -1,0 +1,246 @@
+"""The fused primitives every op is built from, one implementation per compiled backend.
+
+Every backend offers the same primitives with the same semantics (``csrc/`` and ``kernels/`` document them):
+
+- ``l2norm(x) -> (unit rows, 1 / norms)`` and ``l2norm_backward``;
+- ``cosine(img, txt, scale) -> [B, N]`` on unit rows;
+- ``segment_stats(img, txt, offsets, scales) -> (max, min, logsumexp)`` of scale_s * cos over column segments;
+- ``xent(img, txt, scale, kind, labels, targets) -> (loss rows, logsumexp rows)`` and ``xent_backward -> dcos``:
+  loss_b = a_b * lse_b(z) - sum_n w_bn z_bn with z = scale * cos and targets w given by ``kind``
+  (0: index ``labels``, 1: uniform over all columns, 2: dense ``targets``; a_b = sum_n w_bn);
+- ``mix``, ``ortho`` and ``ortho_backward``.
+
+The CPU (``cpp``) backend leaves the matrix product to torch's BLAS and fuses the passes over the [B, N]
+logits; the GPU backends compute the cosine tiles inside the kernel so no [B, N] matrix exists in the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from promptkit.ops._backends import compiled_module, triton_module
+
+EPS = 1e-12
+XENT_INDEX, XENT_UNIFORM, XENT_DENSE = 0, 1, 2
+ORTHO_MODES = {"abs_sum": 0, "mean_cos": 1}
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation (and output) dtype of the kernels for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class _Compiled:
+    """Shared pointer plumbing of the C++ (CPU) and CUDA backends of ``promptkit._C``."""
+
+    suffix = ""
+
+    def __init__(self) -> None:
+        module, why = compiled_module()
+        if module is None:
+            raise RuntimeError(why)
+        self.C = module
+
+    def _fn(self, name: str):
+        return getattr(self.C, f"{name}_{self.suffix}")
+
+    def _extra(self, t: Tensor) -> tuple:
+        return ()
+
+    def _prep(self, t: Tensor) -> Tensor:
+        return t.contiguous()
+
+    def l2norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self._prep(x)
+        y, inv = torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc_dtype(x.dtype))
+        self._fn("l2norm_fwd")(x.data_ptr(), x.shape[0], x.shape[1], EPS, y.data_ptr(), inv.data_ptr(),
+                               _DTYPE_CODES[x.dtype], *self._extra(x))
+        return y, inv
+
+    def l2norm_backward(self, dy: Tensor, y: Tensor, inv: Tensor) -> Tensor:
+        dy, y = self._prep(dy.to(y.dtype)), self._prep(y)
+        inv = inv.to(acc_dtype(y.dtype)).contiguous()
+        dx = torch.empty_like(y)
+        self._fn("l2norm_bwd")(dy.data_ptr(), y.data_ptr(), inv.data_ptr(), y.shape[0], y.shape[1],
+                               dx.data_ptr(), _DTYPE_CODES[y.dtype], *self._extra(y))
+        return dx
+
+    def mix(self, a: Tensor, b: Tensor, lam: Tensor) -> Tensor:
+        a, b = self._prep(a), self._prep(b.to(a.dtype))
+        lam = lam.to(acc_dtype(a.dtype)).contiguous()
+        out = torch.empty_like(a)
+        self._fn("mix")(a.data_ptr(), b.data_ptr(), lam.data_ptr(), a.shape[0], a.shape[1], out.data_ptr(),
+                        _DTYPE_CODES[a.dtype], *self._extra(a))
+        return out
+
+    def ortho(self, unit: Tensor, mode: str) -> Tensor:
+        unit = self._prep(unit)
+        out = unit.new_zeros((), dtype=acc_dtype(unit.dtype))
+        C, K, D = unit.shape
+        self._fn("ortho_fwd")(unit.data_ptr(), C, K, D, ORTHO_MODES[mode], out.data_ptr(),
+                              _DTYPE_CODES[unit.dtype], *self._extra(unit))
+        return out
+
+    def ortho_backward(self, unit: Tensor, mode: str, grad: float) -> Tensor:
+        unit = self._prep(unit)
+        out = torch.empty(unit.shape, dtype=acc_dtype(unit.dtype), device=unit.device)
+        C, K, D = unit.shape
+        self._fn("ortho_bwd")(unit.data_ptr(), C, K, D, ORTHO_MODES[mode], float(grad), out.data_ptr(),
+                              _DTYPE_CODES[unit.dtype], *self._extra(unit))
+        return out
+
+    def _segments(self, offsets: list[int], scales: list[float], like: Tensor) -> tuple[Tensor, Tensor]:
+        return (torch.tensor(offsets, dtype=torch.int64, device=like.device),
+                torch.tensor(scales, dtype=acc_dtype(like.dtype), device=like.device))
+
+
+class CppKernels(_Compiled):
+    """C++/OpenMP kernels on CPU tensors (fp32, fp64; fp16/bf16 are computed in fp32)."""
+
+    suffix = "cpu"
+
+    def _prep(self, t: Tensor) -> Tensor:
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+        return t.contiguous()
+
+    def cosine(self, img: Tensor, txt: Tensor, scale: float) -> Tensor:
+        return scale * (self._prep(img) @ self._prep(txt).T)
+
+    def segment_stats(self, img: Tensor, txt: Tensor, offsets: list[int], scales: list[float]):
+        cos = self._prep(img) @ self._prep(txt).T
+        B, S = cos.shape[0], len(scales)
+        seg_offsets, seg_scales = self._segments(offsets, scales, cos)
+        out = [cos.new_empty(B, S) for _ in range(3)]
+        self.C.segment_stats_cpu(cos.data_ptr(), B, cos.shape[1], seg_offsets.data_ptr(), seg_scales.data_ptr(), S,
+                                 *(o.data_ptr() for o in out), _DTYPE_CODES[cos.dtype])
+        return tuple(out)
+
+    def xent(self, img, txt, scale, kind, labels=None, targets=None):
+        cos = self._prep(img) @ self._prep(txt).T
+        labels = None if labels is None else labels.contiguous()
+        targets = None if targets is None else targets.to(cos.dtype).contiguous()
+        loss, lse = cos.new_empty(cos.shape[0]), cos.new_empty(cos.shape[0])
+        self.C.xent_fwd_cpu(cos.data_ptr(), cos.shape[0], cos.shape[1], float(scale), kind, _ptr(labels),
+                            _ptr(targets), loss.data_ptr(), lse.data_ptr(), _DTYPE_CODES[cos.dtype])
+        return loss, lse
+
+    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows):
+        cos = self._prep(img) @ self._prep(txt).T
+        labels = None if labels is None else labels.contiguous()
+        targets = None if targets is None else targets.to(cos.dtype).contiguous()
+        # Bind every converted tensor to a name: a temporary would be freed before the kernel reads it.
+        lse, grad_rows = lse.to(cos.dtype).contiguous(), grad_rows.to(cos.dtype).contiguous()
+        dcos = torch.empty_like(cos)
+        self.C.xent_bwd_cpu(cos.data_ptr(), cos.shape[0], cos.shape[1], float(scale), kind, _ptr(labels),
+                            _ptr(targets), lse.data_ptr(), grad_rows.data_ptr(), dcos.data_ptr(),
+                            _DTYPE_CODES[cos.dtype])
+        return dcos
+
+
+class CudaKernels(_Compiled):
+    """Hand-written CUDA kernels (fp32, fp64, fp16, bf16) on CUDA tensors."""
+
+    suffix = "cuda"
+
+    def _extra(self, t: Tensor) -> tuple:
+        return (torch.cuda.current_stream(t.device).cuda_stream,)
+
+    def cosine(self, img: Tensor, txt: Tensor, scale: float) -> Tensor:
+        img, txt = img.contiguous(), txt.to(img.dtype).contiguous()
+        out = img.new_empty(img.shape[0], txt.shape[0], dtype=acc_dtype(img.dtype))
+        self.C.cosine_cuda(img.data_ptr(), txt.data_ptr(), img.shape[0], txt.shape[0], img.shape[1], float(scale),
+                           out.data_ptr(), _DTYPE_CODES[img.dtype], *self._extra(img))
+        return out
+
+    def segment_stats(self, img, txt, offsets, scales):
+        img, txt = img.contiguous(), txt.to(img.dtype).contiguous()
+        B, S = img.shape[0], len(scales)
+        seg_offsets, seg_scales = self._segments(offsets, scales, img)
+        out = [img.new_empty(B, S, dtype=acc_dtype(img.dtype)) for _ in range(3)]
+        self.C.segment_stats_cuda(img.data_ptr(), txt.data_ptr(), B, txt.shape[0], img.shape[1],
+                                  seg_offsets.data_ptr(), seg_scales.data_ptr(), S, *(o.data_ptr() for o in out),
+                                  _DTYPE_CODES[img.dtype], *self._extra(img))
+        return tuple(out)
+
+    def xent(self, img, txt, scale, kind, labels=None, targets=None):
+        img, txt = img.contiguous(), txt.to(img.dtype).contiguous()
+        acc = acc_dtype(img.dtype)
+        labels = None if labels is None else labels.contiguous()
+        targets = None if targets is None else targets.to(acc).contiguous()
+        loss, lse = img.new_empty(img.shape[0], dtype=acc), img.new_empty(img.shape[0], dtype=acc)
+        self.C.xent_fwd_cuda(img.data_ptr(), txt.data_ptr(), img.shape[0], txt.shape[0], img.shape[1], float(scale),
+                             kind, _ptr(labels), _ptr(targets), loss.data_ptr(), lse.data_ptr(),
+                             _DTYPE_CODES[img.dtype], *self._extra(img))
+        return loss, lse
+
+    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows):
+        img, txt = img.contiguous(), txt.to(img.dtype).contiguous()
+        acc = acc_dtype(img.dtype)
+        labels = None if labels is None else labels.contiguous()
+        targets = None if targets is None else targets.to(acc).contiguous()
+        lse, grad_rows = lse.to(acc).contiguous(), grad_rows.to(acc).contiguous()
+        dcos = img.new_empty(img.shape[0], txt.shape[0], dtype=acc)
+        self.C.xent_bwd_cuda(img.data_ptr(), txt.data_ptr(), img.shape[0], txt.shape[0], img.shape[1], float(scale),
+                             kind, _ptr(labels), _ptr(targets), lse.data_ptr(), grad_rows.data_ptr(),
+                             dcos.data_ptr(), _DTYPE_CODES[img.dtype],
+                             *self._extra(img))
+        return dcos
+
+
+class TritonKernels:
+    """Triton kernels (``promptkit.kernels``) on CUDA tensors, or on CPU under TRITON_INTERPRET=1."""
+
+    def __init__(self) -> None:
+        module, why = triton_module()
+        if module is None:
+            raise RuntimeError(why)
+        self.K = module
+
+    def l2norm(self, x):
+        return self.K.l2norm_fwd(x.contiguous(), EPS)
+
+    def l2norm_backward(self, dy, y, inv):
+        return self.K.l2norm_bwd(dy.to(y.dtype).contiguous(), y.contiguous(), inv.contiguous())
+
+    def mix(self, a, b, lam):
+        return self.K.mix(a.contiguous(), b.to(a.dtype).contiguous(), lam.to(acc_dtype(a.dtype)).contiguous())
+
+    def ortho(self, unit, mode):
+        return self.K.ortho_fwd(unit.contiguous(), ORTHO_MODES[mode])
+
+    def ortho_backward(self, unit, mode, grad):
+        return self.K.ortho_bwd(unit.contiguous(), ORTHO_MODES[mode], float(grad))
+
+    def cosine(self, img, txt, scale):
+        return self.K.cosine(img.contiguous(), txt.to(img.dtype).contiguous(), float(scale))
+
+    def segment_stats(self, img, txt, offsets, scales):
+        return self.K.segment_stats(img.contiguous(), txt.to(img.dtype).contiguous(), list(offsets),
+                                    [float(s) for s in scales])
+
+    def xent(self, img, txt, scale, kind, labels=None, targets=None):
+        targets = None if targets is None else targets.contiguous()
+        return self.K.xent_fwd(img.contiguous(), txt.to(img.dtype).contiguous(), float(scale), kind, labels, targets)
+
+    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows):
+        targets = None if targets is None else targets.contiguous()
+        return self.K.xent_bwd(img.contiguous(), txt.to(img.dtype).contiguous(), float(scale), kind, labels, targets,
+                               lse.contiguous(), grad_rows.contiguous())
+
+
+_IMPLEMENTATIONS = {"cpp": CppKernels, "cuda": CudaKernels, "triton": TritonKernels}
+_instances: dict[str, object] = {}
+
+
+def kernels(backend: str):
+    """The primitive implementation of a compiled backend ("cpp", "cuda" or "triton")."""
+    if backend not in _instances:
+        _instances[backend] = _IMPLEMENTATIONS[backend]()
+    return _instances[backend]

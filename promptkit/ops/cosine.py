@@ -1,0 +1,70 @@
+"""Cosine logits: scale * cos(image, text), with gradients to both inputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from promptkit.ops import _checks, reference
+from promptkit.ops._kernels import kernels
+
+
+@torch.library.custom_op("promptkit::cosine_logits", mutates_args=())
+def _cosine_logits(image: Tensor, text: Tensor, scale: float, backend: str) -> Tensor:
+    k = kernels(backend)
+    unit_image, _ = k.l2norm(image)
+    unit_text, _ = k.l2norm(text)
+    return k.cosine(unit_image, unit_text, scale).to(image.dtype)
+
+
+@_cosine_logits.register_fake
+def _(image, text, scale, backend):
+    return image.new_empty(image.shape[0], text.shape[0])
+
+
+@torch.library.custom_op("promptkit::cosine_logits_backward", mutates_args=())
+def _cosine_logits_backward(
+    grad: Tensor, image: Tensor, text: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    k = kernels(backend)
+    unit_image, inv_image = k.l2norm(image)
+    unit_text, inv_text = k.l2norm(text)
+    grad = grad.to(unit_image.dtype) * scale
+    d_image = k.l2norm_backward(grad @ unit_text, unit_image, inv_image)
+    d_text = k.l2norm_backward(grad.T @ unit_image, unit_text, inv_text)
+    return d_image.to(image.dtype), d_text.to(text.dtype)
+
+
+@_cosine_logits_backward.register_fake
+def _(grad, image, text, scale, backend):
+    return torch.empty_like(image), torch.empty_like(text)
+
+
+def _setup(ctx, inputs, output):
+    image, text, scale, backend = inputs
+    ctx.save_for_backward(image, text)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, grad):
+    image, text = ctx.saved_tensors
+    d_image, d_text = _cosine_logits_backward(grad.contiguous(), image, text, ctx.scale, ctx.backend)
+    return d_image, d_text, None, None
+
+
+_cosine_logits.register_autograd(_backward, setup_context=_setup)
+
+
+def cosine_logits(image: Tensor, text: Tensor, scale: float = 1.0, backend: str = "auto") -> Tensor:
+    """scale * cos(image, text) of raw features (rows are L2-normalised inside).
+
+    image [B, D]; text [N, D] or [C, K, D] -> [B, N] or [B, C, K]. Differentiable in image and text.
+    """
+    _checks.features("image", image, 2)
+    _checks.features("text", text, (2, 3), dim=image.shape[1])
+    _checks.same_device(image=image, text=text)
+    backend = _checks.backend_for(backend, image)
+    if backend == "torch":
+        return reference.cosine_logits(image, text, scale)
+    flat = _cosine_logits(image, text.reshape(-1, text.shape[-1]), float(scale), backend)
+    return flat.reshape(image.shape[0], *text.shape[:-1])

@@ -1,0 +1,248 @@
+"""Prompt-learning losses with gradients to the image and text features.
+
+The cross-entropy parts run on the fused ``xent`` primitive: the forward keeps only one logsumexp per row,
+and the backward recomputes the logits from the features, so the [B, N] probabilities are never stored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from promptkit.ops import _checks, reference
+from promptkit.ops._kernels import XENT_DENSE, XENT_INDEX, XENT_UNIFORM, acc_dtype, kernels
+
+
+def _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows):
+    """Gradients of sum_b grad_rows[b] * loss_b with respect to the unit image and text rows."""
+    dcos = k.xent_backward(unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows)
+    return dcos @ unit_text.to(dcos.dtype), dcos.T @ unit_image.to(dcos.dtype)
+
+
+def _xent_loss(image, text, scale, kind, labels, targets, backend):
+    k = kernels(backend)
+    unit_image, _ = k.l2norm(image)
+    unit_text, _ = k.l2norm(text)
+    rows, lse = k.xent(unit_image, unit_text, scale, kind, labels, targets)
+    return rows.mean().to(image.dtype), lse
+
+
+def _xent_input_grads(grad, image, text, scale, kind, labels, targets, lse, backend):
+    k = kernels(backend)
+    unit_image, inv_image = k.l2norm(image)
+    unit_text, inv_text = k.l2norm(text)
+    grad_rows = (grad / image.shape[0]).to(lse.dtype).expand(image.shape[0])
+    d_image, d_text = _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows)
+    return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype),
+            k.l2norm_backward(d_text, unit_text, inv_text).to(text.dtype))
+
+
+def _fake_loss(image: Tensor) -> tuple[Tensor, Tensor]:
+    return image.new_empty(()), image.new_empty(image.shape[0], dtype=acc_dtype(image.dtype))
+
+
+# LSN negative loss: cross-entropy on (1 - cos) / T == -cos / T up to a per-row constant.
+
+@torch.library.custom_op("promptkit::lsn_negative_loss", mutates_args=())
+def _lsn_negative_loss(image: Tensor, neg_text: Tensor, labels: Tensor, temperature: float,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    return _xent_loss(image, neg_text, -1.0 / temperature, XENT_INDEX, labels, None, backend)
+
+
+@torch.library.custom_op("promptkit::lsn_negative_loss_backward", mutates_args=())
+def _lsn_negative_loss_backward(grad: Tensor, image: Tensor, neg_text: Tensor, labels: Tensor, lse: Tensor,
+                                temperature: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _xent_input_grads(grad, image, neg_text, -1.0 / temperature, XENT_INDEX, labels, None, lse, backend)
+
+
+@_lsn_negative_loss.register_fake
+def _(image, neg_text, labels, temperature, backend):
+    return _fake_loss(image)
+
+
+@_lsn_negative_loss_backward.register_fake
+def _(grad, image, neg_text, labels, lse, temperature, backend):
+    return torch.empty_like(image), torch.empty_like(neg_text)
+
+
+def _lsn_setup(ctx, inputs, output):
+    image, neg_text, labels, temperature, backend = inputs
+    ctx.save_for_backward(image, neg_text, labels, output[1])
+    ctx.temperature, ctx.backend = temperature, backend
+
+
+def _lsn_backward(ctx, grad, _grad_lse):
+    image, neg_text, labels, lse = ctx.saved_tensors
+    d_image, d_text = _lsn_negative_loss_backward(grad, image, neg_text, labels, lse, ctx.temperature, ctx.backend)
+    return d_image, d_text, None, None, None
+
+
+_lsn_negative_loss.register_autograd(_lsn_backward, setup_context=_lsn_setup)
+
+
+# Soft cross-entropy (LAPT): dense targets over all N labels.
+
+@torch.library.custom_op("promptkit::soft_cross_entropy", mutates_args=())
+def _soft_cross_entropy(image: Tensor, text: Tensor, targets: Tensor, scale: float,
+                        backend: str) -> tuple[Tensor, Tensor]:
+    return _xent_loss(image, text, scale, XENT_DENSE, None, targets, backend)
+
+
+@torch.library.custom_op("promptkit::soft_cross_entropy_backward", mutates_args=())
+def _soft_cross_entropy_backward(grad: Tensor, image: Tensor, text: Tensor, targets: Tensor, lse: Tensor,
+                                 scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _xent_input_grads(grad, image, text, scale, XENT_DENSE, None, targets, lse, backend)
+
+
+@_soft_cross_entropy.register_fake
+def _(image, text, targets, scale, backend):
+    return _fake_loss(image)
+
+
+@_soft_cross_entropy_backward.register_fake
+def _(grad, image, text, targets, lse, scale, backend):
+    return torch.empty_like(image), torch.empty_like(text)
+
+
+def _soft_setup(ctx, inputs, output):
+    image, text, targets, scale, backend = inputs
+    ctx.save_for_backward(image, text, targets, output[1])
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _soft_backward(ctx, grad, _grad_lse):
+    image, text, targets, lse = ctx.saved_tensors
+    d_image, d_text = _soft_cross_entropy_backward(grad, image, text, targets, lse, ctx.scale, ctx.backend)
+    return d_image, d_text, None, None, None
+
+
+_soft_cross_entropy.register_autograd(_soft_backward, setup_context=_soft_setup)
+
+
+# NegPrompt: L_NIS (uniform target over the negatives) + beta * L_NPD + gamma * L_NND.
+
+@torch.library.custom_op("promptkit::negprompt_loss", mutates_args=())
+def _negprompt_loss(image: Tensor, pos_text: Tensor, neg_text: Tensor, beta: float, gamma: float,
+                    temperature: float, backend: str) -> tuple[Tensor, Tensor]:
+    k = kernels(backend)
+    C, K, D = neg_text.shape
+    unit_image, _ = k.l2norm(image)
+    unit_neg, _ = k.l2norm(neg_text.reshape(C * K, D))
+    unit_pos, _ = k.l2norm(pos_text)
+    nis_rows, lse = k.xent(unit_image, unit_neg, 1.0 / temperature, XENT_UNIFORM)
+    unit_neg = unit_neg.reshape(C, K, D)
+    npd = -(unit_neg * unit_pos[:, None, :]).sum(dim=-1).mean()
+    nnd = k.ortho(unit_neg, "mean_cos")
+    loss = nis_rows.mean() + beta * npd.to(nis_rows.dtype) + gamma * nnd.to(nis_rows.dtype)
+    return loss.to(image.dtype), lse
+
+
+@torch.library.custom_op("promptkit::negprompt_loss_backward", mutates_args=())
+def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_text: Tensor, lse: Tensor,
+                             beta: float, gamma: float, temperature: float,
+                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    k = kernels(backend)
+    C, K, D = neg_text.shape
+    unit_image, inv_image = k.l2norm(image)
+    unit_neg, inv_neg = k.l2norm(neg_text.reshape(C * K, D))
+    unit_pos, inv_pos = k.l2norm(pos_text)
+    grad = grad.to(lse.dtype)
+    grad_rows = (grad / image.shape[0]).expand(image.shape[0])
+    d_image, d_neg = _xent_unit_grads(k, unit_image, unit_neg, 1.0 / temperature, XENT_UNIFORM, None, None, lse,
+                                      grad_rows)
+    unit_neg3, unit_pos = unit_neg.reshape(C, K, D).to(lse.dtype), unit_pos.to(lse.dtype)
+    npd_weight = -grad * beta / (C * K)
+    d_neg = (d_neg.reshape(C, K, D) + npd_weight * unit_pos[:, None, :]
+             + grad * gamma * k.ortho_backward(unit_neg.reshape(C, K, D), "mean_cos", 1.0))
+    d_pos = npd_weight * unit_neg3.sum(dim=1)
+    return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype),
+            k.l2norm_backward(d_pos, unit_pos, inv_pos).to(pos_text.dtype),
+            k.l2norm_backward(d_neg.reshape(C * K, D), unit_neg, inv_neg).reshape(C, K, D).to(neg_text.dtype))
+
+
+@_negprompt_loss.register_fake
+def _(image, pos_text, neg_text, beta, gamma, temperature, backend):
+    return _fake_loss(image)
+
+
+@_negprompt_loss_backward.register_fake
+def _(grad, image, pos_text, neg_text, lse, beta, gamma, temperature, backend):
+    return torch.empty_like(image), torch.empty_like(pos_text), torch.empty_like(neg_text)
+
+
+def _negprompt_setup(ctx, inputs, output):
+    image, pos_text, neg_text, beta, gamma, temperature, backend = inputs
+    ctx.save_for_backward(image, pos_text, neg_text, output[1])
+    ctx.args = (beta, gamma, temperature, backend)
+
+
+def _negprompt_backward(ctx, grad, _grad_lse):
+    image, pos_text, neg_text, lse = ctx.saved_tensors
+    grads = _negprompt_loss_backward(grad, image, pos_text, neg_text, lse, *ctx.args)
+    return *grads, None, None, None, None
+
+
+_negprompt_loss.register_autograd(_negprompt_backward, setup_context=_negprompt_setup)
+
+
+def lsn_negative_loss(
+    image: Tensor, neg_text: Tensor, labels: Tensor, temperature: float = 0.05, backend: str = "auto"
+) -> Tensor:
+    """LSN Eq. 5-6: mean_b -log softmax_c((1 - cos(image_b, neg_text_c)) / T)[labels_b].
+
+    image [B, D], neg_text [C, D] (one set of class-wise negative prompts), labels [B] int64 -> scalar.
+    """
+    _checks.features("image", image, 2)
+    _checks.features("neg_text", neg_text, 2, dim=image.shape[1])
+    _checks.same_device(image=image, neg_text=neg_text, labels=labels)
+    _checks.labels(labels, image.shape[0], neg_text.shape[0])
+    _checks.positive("temperature", temperature)
+    backend = _checks.backend_for(backend, image)
+    if backend == "torch":
+        return reference.lsn_negative_loss(image, neg_text, labels, temperature)
+    return _lsn_negative_loss(image, neg_text, labels, float(temperature), backend)[0]
+
+
+def negprompt_loss(
+    image: Tensor,
+    pos_text: Tensor,
+    neg_text: Tensor,
+    beta: float = 0.1,
+    gamma: float = 0.05,
+    temperature: float = 0.01,
+    backend: str = "auto",
+) -> Tensor:
+    """NegPrompt Eq. 4-7: L_NIS + beta * L_NPD + gamma * L_NND (see ``reference.negprompt_loss``).
+
+    image [B, D], pos_text [C, D], neg_text [C, K, D] -> scalar.
+    """
+    _checks.features("image", image, 2)
+    _checks.features("pos_text", pos_text, 2, dim=image.shape[1])
+    _checks.features("neg_text", neg_text, 3, dim=image.shape[1])
+    if neg_text.shape[0] != pos_text.shape[0]:
+        raise ValueError(f"neg_text has {neg_text.shape[0]} classes but pos_text has {pos_text.shape[0]}")
+    _checks.same_device(image=image, pos_text=pos_text, neg_text=neg_text)
+    _checks.positive("temperature", temperature)
+    backend = _checks.backend_for(backend, image)
+    if backend == "torch":
+        return reference.negprompt_loss(image, pos_text, neg_text, beta, gamma, temperature)
+    return _negprompt_loss(image, pos_text, neg_text, float(beta), float(gamma), float(temperature), backend)[0]
+
+
+def soft_cross_entropy(
+    image: Tensor, text: Tensor, targets: Tensor, scale: float = 100.0, backend: str = "auto"
+) -> Tensor:
+    """mean_b sum_n -targets[b, n] log softmax(scale * cos(image_b, text))_n (LAPT's loss).
+
+    image [B, D], text [N, D], targets [B, N] (rows of label weights, e.g. mixed one-hots) -> scalar.
+    """
+    _checks.features("image", image, 2)
+    _checks.features("text", text, 2, dim=image.shape[1])
+    _checks.features("targets", targets, 2)
+    if targets.shape != (image.shape[0], text.shape[0]):
+        raise ValueError(f"targets must be [B={image.shape[0]}, N={text.shape[0]}], got {tuple(targets.shape)}")
+    _checks.same_device(image=image, text=text, targets=targets)
+    backend = _checks.backend_for(backend, image)
+    if backend == "torch":
+        return reference.soft_cross_entropy(image, text, targets, scale)
+    return _soft_cross_entropy(image, text, targets, float(scale), backend)[0]

@@ -1,0 +1,157 @@
+"""OOD scores (higher = more in-distribution): MCM, NegPrompt, LSN and NegLabel.
+
+Each score is a small function of per-row statistics (max, min, logsumexp) of the scaled cosine logits over
+contiguous column segments, so every backend computes one fused ``segment_stats`` pass and never stores the
+[B, N] probabilities. Scores carry no gradient: their inputs are detached.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from promptkit.ops import _checks, reference
+from promptkit.ops._kernels import kernels
+
+
+def _stats(image: Tensor, text: Tensor, offsets: list[int], scales: list[float], backend: str):
+    k = kernels(backend)
+    unit_image, _ = k.l2norm(image)
+    unit_text, _ = k.l2norm(text)
+    return k.segment_stats(unit_image, unit_text, offsets, scales)
+
+
+def _rows(image: Tensor) -> Tensor:
+    return image.new_empty(image.shape[0])
+
+
+@torch.library.custom_op("promptkit::mcm_score", mutates_args=())
+def _mcm_score(image: Tensor, text: Tensor, temperature: float, backend: str) -> Tensor:
+    top, _, lse = _stats(image, text, [0, text.shape[0]], [1.0 / temperature], backend)
+    return torch.exp(top[:, 0] - lse[:, 0]).to(image.dtype)
+
+
+@torch.library.custom_op("promptkit::negprompt_score", mutates_args=())
+def _negprompt_score(image: Tensor, pos_text: Tensor, neg_text: Tensor, temperature: float, backend: str) -> Tensor:
+    C, N = pos_text.shape[0], pos_text.shape[0] + neg_text.shape[0]
+    top, _, lse = _stats(image, torch.cat([pos_text, neg_text]), [0, C, N], [1.0 / temperature] * 2, backend)
+    return torch.exp(top[:, 0] - torch.logaddexp(lse[:, 0], lse[:, 1])).to(image.dtype)
+
+
+@torch.library.custom_op("promptkit::lsn_score", mutates_args=())
+def _lsn_score(
+    image: Tensor, pos_text: Tensor, neg_sets: Tensor, temperature: float, neg_temperature: float, backend: str
+) -> Tensor:
+    K, C, D = neg_sets.shape
+    offsets = [s * C for s in range(K + 2)]
+    scales = [1.0 / temperature] + [1.0 / neg_temperature] * K
+    top, bottom, lse = _stats(image, torch.cat([pos_text, neg_sets.reshape(K * C, D)]), offsets, scales, backend)
+    mcm = torch.exp(top[:, 0] - lse[:, 0])
+    min_cm = torch.exp(bottom[:, 1:] - lse[:, 1:]).mean(dim=1)
+    return (mcm - min_cm).to(image.dtype)
+
+
+@torch.library.custom_op("promptkit::neglabel_score", mutates_args=())
+def _neglabel_score(image: Tensor, id_text: Tensor, grouped_neg: Tensor, temperature: float, groups: int,
+                    backend: str) -> Tensor:
+    C, per_group = id_text.shape[0], grouped_neg.shape[0] // groups
+    offsets = [0] + [C + g * per_group for g in range(groups + 1)]
+    _, _, lse = _stats(image, torch.cat([id_text, grouped_neg]), offsets, [1.0 / temperature] * (groups + 1), backend)
+    id_lse = lse[:, :1]
+    return torch.exp(id_lse - torch.logaddexp(id_lse, lse[:, 1:])).mean(dim=1).to(image.dtype)
+
+
+for _op in (_mcm_score, _negprompt_score, _lsn_score, _neglabel_score):
+    _op.register_fake(lambda image, *args: _rows(image))
+
+
+def _check_inputs(image: Tensor, temperature: float, pos_text: Tensor, neg_text: Tensor | None = None) -> None:
+    """Validate image [B, D], pos_text [C, D] and (optionally) class-wise negatives neg_text [C, K, D]."""
+    _checks.features("image", image, 2)
+    _checks.features("pos_text" if neg_text is not None else "text", pos_text, 2, dim=image.shape[1])
+    if neg_text is not None:
+        _checks.features("neg_text", neg_text, 3, dim=image.shape[1])
+        if neg_text.shape[0] != pos_text.shape[0]:
+            raise ValueError(f"neg_text has {neg_text.shape[0]} classes but pos_text has {pos_text.shape[0]}; "
+                             "neg_text must be [C, K, D]")
+        _checks.same_device(image=image, pos_text=pos_text, neg_text=neg_text)
+    else:
+        _checks.same_device(image=image, text=pos_text)
+    _checks.positive("temperature", temperature)
+
+
+def mcm_score(image: Tensor, text: Tensor, temperature: float = 1.0, backend: str = "auto") -> Tensor:
+    """MCM: max_c softmax_c(cos(image, text_c) / temperature). image [B, D], text [C, D] -> [B]."""
+    _check_inputs(image, temperature, text)
+    backend = _checks.backend_for(backend, image)
+    if backend == "torch":
+        return reference.mcm_score(image, text, temperature)
+    return _mcm_score(image.detach(), text.detach(), float(temperature), backend)
+
+
+def negprompt_score(
+    image: Tensor, pos_text: Tensor, neg_text: Tensor, temperature: float = 1.0, backend: str = "auto"
+) -> Tensor:
+    """NegPrompt Eq. 3: max over the C positives of one softmax over all C + C*K prompts.
+
+    image [B, D], pos_text [C, D], neg_text [C, K, D] -> [B].
+    """
+    _check_inputs(image, temperature, pos_text, neg_text)
+    backend = _checks.backend_for(backend, image)
+    if backend == "torch":
+        return reference.negprompt_score(image, pos_text, neg_text, temperature)
+    neg_flat = neg_text.detach().reshape(-1, neg_text.shape[-1])
+    return _negprompt_score(image.detach(), pos_text.detach(), neg_flat, float(temperature), backend)
+
+
+def lsn_score(
+    image: Tensor,
+    pos_text: Tensor,
+    neg_text: Tensor,
+    temperature: float = 1.0,
+    neg_temperature: float = 5.0,
+    backend: str = "auto",
+) -> Tensor:
+    """LSN Eq. 13-14: S_MCM(T) - S_MinCM(neg_T), MinCM averaged over the K negative sets.
+
+    image [B, D], pos_text [C, D], neg_text [C, K, D] (K sets of class-wise negatives) -> [B].
+    """
+    _check_inputs(image, temperature, pos_text, neg_text)
+    _checks.positive("neg_temperature", neg_temperature)
+    backend = _checks.backend_for(backend, image)
+    if backend == "torch":
+        return reference.lsn_score(image, pos_text, neg_text, temperature, neg_temperature)
+    neg_sets = neg_text.detach().transpose(0, 1).contiguous()  # [K, C, D]: each set is a contiguous segment
+    return _lsn_score(image.detach(), pos_text.detach(), neg_sets, float(temperature), float(neg_temperature),
+                      backend)
+
+
+def neglabel_score(
+    image: Tensor,
+    id_text: Tensor,
+    neg_text: Tensor,
+    temperature: float = 0.01,
+    groups: int = 1,
+    seed: int = 0,
+    backend: str = "auto",
+) -> Tensor:
+    """NegLabel: ID probability mass of the softmax over C ID + M negative labels, averaged over groups.
+
+    With groups > 1 the negatives are permuted by a CPU generator seeded with ``seed``, the last M % groups
+    dropped and the rest split into ``groups`` equal groups. image [B, D], id_text [C, D], neg_text [M, D] -> [B].
+    """
+    _checks.features("image", image, 2)
+    _checks.features("id_text", id_text, 2, dim=image.shape[1])
+    _checks.features("neg_text", neg_text, 2, dim=image.shape[1])
+    _checks.same_device(image=image, id_text=id_text, neg_text=neg_text)
+    _checks.positive("temperature", temperature)
+    if not 1 <= groups <= neg_text.shape[0]:
+        raise ValueError(f"groups must be in [1, M={neg_text.shape[0]}], got {groups}")
+    backend = _checks.backend_for(backend, image)
+    if backend == "torch":
+        return reference.neglabel_score(image, id_text, neg_text, temperature, groups, seed)
+    if groups > 1:
+        order = reference.neglabel_permutation(neg_text.shape[0], seed).to(neg_text.device)
+        neg_text = neg_text[order[: (neg_text.shape[0] // groups) * groups]]
+    return _neglabel_score(image.detach(), id_text.detach(), neg_text.detach(), float(temperature), int(groups),
+                           backend)

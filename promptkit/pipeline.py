@@ -1,0 +1,175 @@
+"""End-to-end runs shared by the CLI and the Python API: data -> features -> fit -> calibrate -> evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import promptkit
+from promptkit.data.cache import extract_features
+from promptkit.data.classnames import read_class_names
+from promptkit.data.errors import DataError
+from promptkit.data.fewshot import few_shot_indices
+from promptkit.data.sources import EmbeddedSource, ImageSource, embedded_splits, open_source
+from promptkit.data.specs import resolve as resolve_benchmark
+from promptkit.eval.metrics import accuracy, calibrate_threshold
+from promptkit.eval.report import summarize
+from promptkit.methods import METHODS
+from promptkit.methods.base import Method
+
+
+@dataclass
+class Datasets:
+    """What one run trains and evaluates on."""
+
+    class_names: list[str]
+    id: ImageSource
+    ood: dict[str, ImageSource]
+    train: ImageSource | None = None
+    description: str = ""
+
+
+@dataclass
+class RunOptions:
+    """How features are computed and progress is shown."""
+
+    device: str = "cpu"
+    backend: str = "auto"
+    cache_dir: str | None = None
+    batch_size: int = 256
+    on_bad_image: str = "skip"
+    progress: bool = True
+    positive: str = "id"
+    keep_id: float = 0.95  # share of held-out ID images above the saved decision threshold
+
+
+def embedded_datasets() -> Datasets:
+    """The embedded default: tiny Fashion-MNIST ID classes vs held-out classes, digits and textures."""
+    splits = embedded_splits()
+    train, test = EmbeddedSource("train"), EmbeddedSource("test")
+    ood = {name: EmbeddedSource(name) for name in splits if name not in ("train", "test")}
+    return Datasets(test.class_names, test, ood, train, "embedded default (promptkit/assets)")
+
+
+def parse_ood(pairs: list[str]) -> dict[str, str]:
+    """``NAME=DIR`` strings -> {NAME: DIR}."""
+    parsed = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--ood expects NAME=DIR, got {pair!r}")
+        parsed[name] = path
+    return parsed
+
+
+def resolve_datasets(train: str | None = None, id: str | None = None, ood: list[str] | None = None,
+                     benchmark: str | None = None, data_root: str | None = None,
+                     classes: str | None = None) -> Datasets:
+    """Open the run's data: the embedded default when nothing is given, else the user's folders/list files."""
+    if not any([train, id, ood, benchmark]):
+        return embedded_datasets()
+    train_source = open_source(train) if train else None
+    if benchmark:
+        if not data_root:
+            raise ValueError(f"--benchmark {benchmark} needs --data-root DIR")
+        id_source, ood_sources = resolve_benchmark(benchmark, data_root)
+    else:
+        if not id:
+            raise ValueError("--id DIR|LIST is required when --train or --ood is given")
+        id_source, ood_sources = open_source(id), {}
+    ood_sources.update({name: open_source(path) for name, path in parse_ood(ood or []).items()})
+    names = read_class_names(classes) if classes else id_source.class_names
+    if not names:
+        raise DataError(f"{id}: no class names (use class subfolders, a classnames.txt, or --classes FILE)")
+    if not ood_sources:
+        raise ValueError("give at least one OOD set with --ood NAME=DIR")
+    if train_source is not None and train_source.class_names and len(train_source.class_names) != len(names):
+        raise DataError(f"--train has {len(train_source.class_names)} classes but the ID set has {len(names)}")
+    return Datasets(names, id_source, ood_sources, train_source, benchmark or str(id))
+
+
+def features_of(clip, source: ImageSource, options: RunOptions) -> tuple[Tensor, Tensor]:
+    """Image features [N, E] (fp32, on options.device) and labels [N] of a source, through the feature cache."""
+    result = extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
+                              cache_dir=options.cache_dir, on_error=options.on_bad_image,
+                              progress=options.progress)
+    return result.features.to(options.device), result.labels.to(options.device)
+
+
+def make_method(name: str, clip, class_names: list[str], overrides: dict[str, Any], seed: int,
+                backend: str) -> Method:
+    """Instantiate method ``name`` with its paper defaults, the user's overrides and the run's seed."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    cls = METHODS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"{name} has no setting {', '.join(unknown)}; its settings: {', '.join(fields)}")
+    config = cls.Config(**overrides)
+    if "seed" in fields and "seed" not in overrides:
+        config.seed = seed
+    return cls(clip, class_names, config, backend=backend)
+
+
+def evaluate(method: Method, id_features: Tensor, id_labels: Tensor, ood_features: dict[str, Tensor],
+             positive: str = "id") -> dict[str, Any]:
+    """Scores and metrics of a fitted method: ID accuracy, per-OOD-set and mean AUROC/FPR95/AUPR."""
+    id_scores, predicted = method.score(id_features)
+    ood_scores = {name: method.score(feats)[0] for name, feats in ood_features.items()}
+    results = summarize(id_scores, ood_scores, positive=positive)
+    labelled = id_labels >= 0
+    results["id_accuracy"] = accuracy(predicted[labelled], id_labels[labelled]) if labelled.any() else None
+    results["scores"] = {"id": id_scores, **ood_scores}
+    return results
+
+
+@dataclass
+class RunResult:
+    method: Method
+    metrics: dict[str, Any]
+    scores: dict[str, Tensor] = field(default_factory=dict)
+
+
+def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed: int,
+                       overrides: dict[str, Any], options: RunOptions) -> RunResult:
+    """Fit ``method_name`` on (few-shot) training features, calibrate its threshold and evaluate it."""
+    start = time.time()
+    method = make_method(method_name, clip, data.class_names, overrides, seed, options.backend)
+    train_info: dict[str, Any] = {"shots": shots, "seed": seed}
+    heldout = None
+    if method.trainable or data.train is not None:
+        if data.train is None:
+            raise ValueError(f"{method_name} learns prompts: give --train DIR|LIST (few-shot ID training images)")
+        feats, labels = features_of(clip, data.train, options)
+        chosen = few_shot_indices(labels.cpu(), shots, seed) if shots > 0 else torch.arange(len(labels))
+        rest = torch.ones(len(labels), dtype=torch.bool)
+        rest[chosen] = False
+        heldout = feats[rest.to(feats.device)] if rest.any() else feats[chosen.to(feats.device)]
+        train_info.update(train_images=len(chosen), heldout_images=int(rest.sum()))
+        if method.trainable:
+            method.fit(feats[chosen.to(feats.device)], labels[chosen.to(labels.device)], progress=options.progress)
+    id_features, id_labels = features_of(clip, data.id, options)
+    ood_features = {name: features_of(clip, source, options)[0] for name, source in data.ood.items()}
+    # The decision threshold comes from ID images the method did not train on (or the ID test set's own
+    # scores for zero-shot runs without training data, which the metadata then says).
+    calibration = heldout if heldout is not None else id_features
+    method.threshold = calibrate_threshold(method.score(calibration)[0], keep=options.keep_id)
+    train_info["threshold_from"] = "held-out ID training images" if heldout is not None else "ID test images"
+    method.info.update(train=train_info)
+    metrics = evaluate(method, id_features, id_labels, ood_features, options.positive)
+    scores = metrics.pop("scores")
+    metrics.update(method=method_name, model=f"{clip.name} ({clip.pretrained})", seed=seed, shots=shots,
+                   data=data.description, seconds=round(time.time() - start, 2),
+                   promptkit_version=promptkit.__version__, config=dataclasses.asdict(method.config))
+    return RunResult(method, metrics, scores)
+
+
+def output_dir(path: str | None, method: str, seed: int) -> Path:
+    return Path(path) if path else Path("promptkit_runs") / f"{method}-seed{seed}"

@@ -1,0 +1,61 @@
+"""Backends under test and the accuracy rule every kernel test uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Compiled backends tested on each device. The cpp and triton (interpreted) backends must be usable on the CPU:
+# a missing promptkit._C or triton makes these tests fail, not skip. CUDA runs wherever a GPU exists.
+CPU_BACKENDS = [("cpp", "cpu"), ("triton", "cpu")]
+GPU_BACKENDS = [("triton", "cuda"), ("cuda", "cuda")] if torch.cuda.is_available() else []
+ALL_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
+
+# Shapes (B, C, K, D): odd sizes, singletons, and N = C * (1 + K) not a multiple of any block size.
+SHAPES = [(1, 1, 1, 7), (5, 3, 2, 7), (4, 17, 1, 16), (33, 10, 3, 64)]
+# The Triton interpreter costs milliseconds a program: it gets the small shapes only.
+INTERPRETED_SHAPES = SHAPES[:3]
+
+# Absolute floor of the allowed error, per dtype: covers results that torch computes exactly in that dtype.
+FLOOR = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def shapes_for(backend: str, device: str):
+    return INTERPRETED_SHAPES if (backend, device) == ("triton", "cpu") else SHAPES
+
+
+def backend_params(dtypes=(torch.float32, torch.float64)):
+    """pytest params over (backend, device, dtype, shape)."""
+    params = []
+    for backend, device in ALL_BACKENDS:
+        for dtype in dtypes:
+            for shape in shapes_for(backend, device):
+                params.append(pytest.param(backend, device, dtype, shape, id=f"{backend}-{device}-{str(dtype)[6:]}-{shape}"))
+    return params
+
+
+def assert_matches_reference(out, ref_same_dtype, ref_fp64, what="output"):
+    """Kernel error against the fp64 oracle must be at most 2x torch's own error in the same dtype (plus a floor).
+
+    This is the flash-attention rule: it adapts to the conditioning of each op instead of a magic tolerance.
+    """
+    assert out.shape == ref_fp64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_fp64.shape)}"
+    assert out.dtype == ref_same_dtype.dtype, f"{what}: dtype {out.dtype} != {ref_same_dtype.dtype}"
+    truth = ref_fp64.double().cpu()
+    kernel_error = (out.double().cpu() - truth).abs().max().item()
+    torch_error = (ref_same_dtype.double().cpu() - truth).abs().max().item()
+    scale = max(1.0, truth.abs().max().item())
+    allowed = 2 * torch_error + FLOOR[out.dtype] * scale
+    assert kernel_error <= allowed, f"{what}: error {kernel_error:.3g} > allowed {allowed:.3g} (torch {torch_error:.3g})"
+
+
+def make_inputs(shape, dtype, device, seed=0):
+    """Raw (unnormalised) image [B, D], positive text [C, D], negatives [C, K, D] and labels [B]."""
+    B, C, K, D = shape
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(B, D, generator=g, dtype=torch.float64) * 3
+    pos = torch.randn(C, D, generator=g, dtype=torch.float64)
+    neg = torch.randn(C, K, D, generator=g, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, C, (B,), generator=g)
+    cast = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731
+    return cast(image), cast(pos), cast(neg), labels.to(device)
