@@ -40,7 +40,8 @@ def _add_data_args(parser: argparse.ArgumentParser, with_train: bool = True) -> 
                        help="an OOD test set (repeat for several)")
     group.add_argument("--benchmark", help="a standard protocol: imagenet1k, imagenet100, imagenet10, imagenet20")
     group.add_argument("--data-root", help="folder with the benchmark's data (see promptkit.data.specs)")
-    group.add_argument("--classes", help="a text file of ID class names, one per line, in label order")
+    group.add_argument("--classes", help="ID class names in label order: a text file (one per line) or a shipped "
+                                         "list (imagenet1k, imagenet100, imagenet10, imagenet20)")
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-dir", default=None, help="feature cache (default $PROMPTKIT_CACHE or "
                                                           "~/.cache/promptkit/features)")
     group.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
+    group.add_argument("--shard-size", type=int, default=4096,
+                       help="images per feature-cache shard: the unit a torchrun rank encodes and a rerun resumes")
     group.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
                        help="unreadable images: skip with a warning and a count (default), or fail naming the file")
     group.add_argument("--fpr-positive", choices=["id", "ood"], default="id",
@@ -128,7 +131,23 @@ def _options(args):
 
     return RunOptions(device=args.device, backend=args.backend, cache_dir=args.cache_dir,
                       batch_size=args.batch_size, on_bad_image=args.on_bad_image,
-                      progress=not args.no_progress and sys.stderr.isatty(), positive=args.fpr_positive)
+                      progress=not args.no_progress and sys.stderr.isatty(), positive=args.fpr_positive,
+                      shard_size=args.shard_size)
+
+
+def is_main() -> bool:
+    """True on the rank that prints and writes results (every plain single-process run)."""
+    from promptkit.distributed import is_main as main_rank
+
+    return main_rank()
+
+
+def _start_distributed(args) -> None:
+    """Join torchrun's process group (a no-op without torchrun) and give this rank its own GPU."""
+    from promptkit.distributed import init_distributed, local_device
+
+    if init_distributed() and hasattr(args, "device"):
+        args.device = local_device(args.device)
 
 
 def _quick_gelu(args) -> bool | None:
@@ -174,6 +193,8 @@ def cmd_train(args) -> None:
     data = _data(args)
     result = train_and_evaluate(args.method, clip, data, args.shots, args.seed, parse_settings(args.set),
                                 _options(args))
+    if not is_main():
+        return
     out = output_dir(args.output, args.method, args.seed)
     result.method.save(out)
     print(_write_reports(out, result.metrics, result.scores, args.plots))
@@ -197,6 +218,8 @@ def cmd_eval(args) -> None:
     ood = {name: features_of(clip, source, options)[0] for name, source in data.ood.items()}
     metrics = evaluate(method, id_features, id_labels, ood, options.positive)
     scores = metrics.pop("scores")
+    if not is_main():
+        return
     metrics.update(method=method.name, model=f"{clip.name} ({clip.pretrained})", seed=method.config.__dict__.get(
         "seed"), data=data.description, prompts=str(args.prompts))
     print(_write_reports(Path(args.output or args.prompts), metrics, scores, args.plots))
@@ -214,8 +237,11 @@ def cmd_score(args) -> None:
     source = open_source(args.images)
     options = _options(args)
     result = extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
-                              cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress)
+                              cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress,
+                              shard_size=options.shard_size)
     scores, predicted = method.score(result.features.to(options.device))
+    if not is_main():
+        return
     out = Path(args.output) if args.output else Path(args.prompts) / "scores.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as tmp, open(tmp, "w", newline="") as handle:
@@ -239,7 +265,10 @@ def cmd_extract(args) -> None:
     source = open_source(args.images)
     options = _options(args)
     result = extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
-                              cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress)
+                              cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress,
+                              shard_size=options.shard_size)
+    if not is_main():
+        return
     print(f"{len(result.kept)} image features of size {result.features.shape[1]} cached "
           f"({len(result.skipped)} unreadable skipped)")
 
@@ -262,9 +291,12 @@ def cmd_compare(args) -> None:
         for seed in seeds:
             result = train_and_evaluate(method, clip, data, args.shots, seed, per_method[method], options)
             runs.append(result.metrics)
-            print(f"{method} seed {seed}: mean AUROC {result.metrics['mean']['auroc']:.4f}, "
-                  f"FPR95 {result.metrics['mean']['fpr95']:.4f}, ID acc {result.metrics['id_accuracy']}",
-                  file=sys.stderr)
+            if is_main():
+                print(f"{method} seed {seed}: mean AUROC {result.metrics['mean']['auroc']:.4f}, "
+                      f"FPR95 {result.metrics['mean']['fpr95']:.4f}, ID acc {result.metrics['id_accuracy']}",
+                      file=sys.stderr)
+    if not is_main():
+        return
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     table = compare_table(runs)
@@ -289,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if os.environ.get("PROMPTKIT_DEBUG"):
-        COMMANDS[args.command](args)
+        _run(args)
         return 0
     try:
-        COMMANDS[args.command](args)
+        _run(args)
     except USER_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"promptkit {args.command}: error: {message}", file=sys.stderr)
@@ -301,6 +333,17 @@ def main(argv: list[str] | None = None) -> int:
         print("promptkit: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _run(args) -> None:
+    """One command, inside torchrun's process group when launched by torchrun."""
+    from promptkit.distributed import close_distributed
+
+    _start_distributed(args)
+    try:
+        COMMANDS[args.command](args)
+    finally:
+        close_distributed()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 import promptkit
-from promptkit.data.cache import extract_features
-from promptkit.data.classnames import read_class_names
+from promptkit.data.cache import DEFAULT_SHARD_SIZE, extract_features
+from promptkit.data.classnames import class_list
 from promptkit.data.errors import DataError
 from promptkit.data.fewshot import few_shot_indices
 from promptkit.data.sources import EmbeddedSource, ImageSource, embedded_splits, open_source
@@ -33,6 +33,7 @@ class Datasets:
     ood: dict[str, ImageSource]
     train: ImageSource | None = None
     description: str = ""
+    pool: str | ImageSource | None = None  # retrieval pool of label-driven methods (LAPT); None: embedded train
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RunOptions:
     progress: bool = True
     positive: str = "id"
     keep_id: float = 0.95  # share of held-out ID images above the saved decision threshold
+    shard_size: int = DEFAULT_SHARD_SIZE  # images per feature-cache shard (the unit of work of each rank)
 
 
 def embedded_datasets() -> Datasets:
@@ -84,7 +86,7 @@ def resolve_datasets(train: str | None = None, id: str | None = None, ood: list[
             raise ValueError("--id DIR|LIST is required when --train or --ood is given")
         id_source, ood_sources = open_source(id), {}
     ood_sources.update({name: open_source(path) for name, path in parse_ood(ood or []).items()})
-    names = read_class_names(classes) if classes else id_source.class_names
+    names = class_list(classes) if classes else id_source.class_names
     if not names:
         raise DataError(f"{id}: no class names (use class subfolders, a classnames.txt, or --classes FILE)")
     if not ood_sources:
@@ -98,7 +100,7 @@ def features_of(clip, source: ImageSource, options: RunOptions) -> tuple[Tensor,
     """Image features [N, E] (fp32, on options.device) and labels [N] of a source, through the feature cache."""
     result = extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
                               cache_dir=options.cache_dir, on_error=options.on_bad_image,
-                              progress=options.progress)
+                              progress=options.progress, shard_size=options.shard_size)
     return result.features.to(options.device), result.labels.to(options.device)
 
 
@@ -137,6 +139,28 @@ class RunResult:
     scores: dict[str, Tensor] = field(default_factory=dict)
 
 
+def collect_training_features(method: Method, clip, data: Datasets, options: RunOptions
+                              ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Features [N, E] and labels [N] in [0, C+M) of pool images retrieved for the method's training labels.
+
+    The pool is ``data.pool``, else the embedded training images with their labels ignored.
+    """
+    from promptkit.collect import open_pool, retrieve
+
+    pool_spec = data.pool if data.pool is not None else EmbeddedSource("train")
+    pool = open_pool(pool_spec, clip, cache_dir=options.cache_dir, batch_size=options.batch_size,
+                     progress=options.progress)
+    labels = method.training_labels()
+    collection = retrieve(clip, pool, labels, method.config.images_per_label)
+    counts = collection.counts()
+    num_id = len(method.class_names)
+    info = {"pool": str(data.pool) if data.pool is not None else "embedded:train (labels ignored)",
+            "pool_images": len(pool.features), "collected_images": len(collection),
+            "labels_with_images": {"id": int((counts[:num_id] > 0).sum()),
+                                   "negative": int((counts[num_id:] > 0).sum())}}
+    return collection.features.to(options.device), collection.labels.to(options.device), info
+
+
 def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed: int,
                        overrides: dict[str, Any], options: RunOptions) -> RunResult:
     """Fit ``method_name`` on (few-shot) training features, calibrate its threshold and evaluate it."""
@@ -144,7 +168,13 @@ def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed:
     method = make_method(method_name, clip, data.class_names, overrides, seed, options.backend)
     train_info: dict[str, Any] = {"shots": shots, "seed": seed}
     heldout = None
-    if method.trainable or data.train is not None:
+    if hasattr(method, "mine"):  # mined negative labels (NegLabel, LAPT): word embeddings in the run's cache
+        method.mine(options.cache_dir, options.progress)
+    if getattr(method, "collects_training_images", False):
+        feats, labels, collected = collect_training_features(method, clip, data, options)
+        train_info.update(collected)
+        method.fit(feats, labels, progress=options.progress)
+    elif method.trainable or data.train is not None:
         if data.train is None:
             raise ValueError(f"{method_name} learns prompts: give --train DIR|LIST (few-shot ID training images)")
         feats, labels = features_of(clip, data.train, options)

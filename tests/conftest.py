@@ -16,4 +16,7 @@ def pytest_report_header(config):
     for device in devices:
         usable = [name for name, why in available_backends(device).items() if not why]
         lines.append(f"promptkit backends on {device}: {', '.join(usable)}")
+    if not torch.cuda.is_available():
+        lines.append("no GPU: the triton/cuda tests on CUDA tensors and tests/ops/test_cuda_bindings.py are not "
+                     "collected (CPU: cpp, and triton under TRITON_INTERPRET=1)")
     return lines

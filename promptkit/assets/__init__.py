@@ -12,5 +12,6 @@ MODEL_CONFIG: Path = ASSETS_DIR / f"{MODEL_NAME}.json"
 MODEL_WEIGHTS: Path = ASSETS_DIR / f"{MODEL_NAME}.safetensors"
 EMBEDDED_IMAGES: Path = ASSETS_DIR / "embedded.npz"
 EMBEDDED_META: Path = ASSETS_DIR / "embedded.json"
+VOCABULARY: Path = ASSETS_DIR / "wordnet_vocabulary.txt.gz"  # NegMine candidates (build_vocabulary.py)
 
-__all__ = ["ASSETS_DIR", "MODEL_NAME", "MODEL_CONFIG", "MODEL_WEIGHTS", "EMBEDDED_IMAGES", "EMBEDDED_META"]
+__all__ = ["ASSETS_DIR", "MODEL_NAME", "MODEL_CONFIG", "MODEL_WEIGHTS", "EMBEDDED_IMAGES", "EMBEDDED_META", "VOCABULARY"]

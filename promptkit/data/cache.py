@@ -3,6 +3,13 @@
 Features are extracted once per (model, preprocessing, image set) and stored as ``<key>.safetensors`` plus a
 ``<key>.json`` sidecar in the cache folder. The key hashes the model's fingerprint, the preprocessing's repr and
 the source's fingerprint (for files: every path, size and mtime), so any change to those is a cache miss.
+
+A set larger than one shard (``shard_size`` images, 4096 by default) is stored as shards instead: images
+``[start, stop)`` go to ``<key>.shards/<start>-<stop>.safetensors`` (each a complete file, written atomically, that
+records its unreadable images in its metadata), and ``<key>.json``, written last, lists them. The shards depend only
+on the set and ``shard_size``, never on the number of processes: under ``torchrun`` each rank encodes a contiguous
+run of shards (``promptkit.distributed.shard``), rank 0 writes the index, and every rank then reads the same entry
+as a single-process run would have written. A rerun after an interruption keeps the finished shards.
 """
 
 from __future__ import annotations
@@ -22,17 +29,20 @@ from typing import Literal, Protocol
 import torch
 from PIL import Image
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Subset as _IndexSubset
 from tqdm.auto import tqdm
 
-from promptkit import __version__
+from promptkit import __version__, distributed
 from promptkit.data.atomic import atomic_write
 from promptkit.data.errors import BadImageError, DataError
 from promptkit.data.sources import ImageSource
 
 CACHE_FORMAT = 1  # bump when the stored layout or the extraction semantics change
+DEFAULT_SHARD_SIZE = 4096  # images per cache shard; sets up to this size are stored as one file
 
 
 class ImageEncoder(Protocol):
@@ -108,25 +118,79 @@ def _collate(items: list[_Item]) -> tuple[Tensor | None, list[int], list[tuple[i
     return images, [i for _, i in good], bad
 
 
-def _load_entry(st_path: Path, json_path: Path, key: str) -> Features | None:
-    """The cached features, or None if the entry is absent or unreadable (then it is rebuilt)."""
-    if not (st_path.is_file() and json_path.is_file()):
+def _load_entry(folder: Path, key: str) -> Features | None:
+    """The cached features, or None if the entry is absent, incomplete or unreadable (then it is rebuilt)."""
+    json_path = folder / f"{key}.json"
+    if not json_path.is_file():
         return None
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
-        t = load_file(st_path)
-        feats = Features(t["features"], t["labels"], t["kept"], list(meta["skipped"]))
-        if meta["key"] != key or not (len(feats.features) == len(feats.labels) == len(feats.kept)):
+        if meta["key"] != key:
+            raise ValueError("entry does not match its key")
+        if "shards" in meta:
+            feats = _join([_read_shard(folder / f"{key}.shards" / name, key) for name in meta["shards"]])
+        else:
+            t = load_file(folder / f"{key}.safetensors")
+            feats = Features(t["features"], t["labels"], t["kept"], list(meta["skipped"]))
+        if not (len(feats.features) == len(feats.labels) == len(feats.kept) == meta["n_features"]):
             raise ValueError("entry does not match its key")
         return feats
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        warnings.warn(f"ignoring unreadable feature cache entry {st_path}: {e}", stacklevel=3)
+        warnings.warn(f"ignoring unreadable feature cache entry {json_path}: {e}", stacklevel=3)
         return None
+
+
+def _spans(n: int, shard_size: int) -> list[range]:
+    """The fixed-size shards ``[start, stop)`` of ``n`` images (the last may be shorter)."""
+    return [range(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def _shard_name(span: range) -> str:
+    return f"{span.start:010d}-{span.stop:010d}.safetensors"
+
+
+def _write_shard(path: Path, key: str, feats: Features) -> None:
+    tensors = {"features": feats.features, "labels": feats.labels, "kept": feats.kept}
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": key, "skipped": json.dumps(feats.skipped)})
+
+
+def _read_shard(path: Path, key: str) -> Features:
+    """One shard file; raises OSError/ValueError/SafetensorError when it is missing, foreign or damaged."""
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        if meta.get("key") != key:
+            raise ValueError(f"shard {path.name} belongs to another entry")
+        t = {name: handle.get_tensor(name) for name in ("features", "labels", "kept")}
+    if not len(t["features"]) == len(t["labels"]) == len(t["kept"]):
+        raise ValueError(f"shard {path.name} has tensors of different lengths")
+    return Features(t["features"], t["labels"], t["kept"], list(json.loads(meta["skipped"])))
+
+
+def _finished_shard(path: Path, key: str) -> bool:
+    """True when ``path`` is a complete shard of this entry (so a rerun can keep it)."""
+    if not path.is_file():
+        return False
+    try:
+        _read_shard(path, key)
+        return True
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return False
+
+
+def _join(parts: list[Features]) -> Features:
+    """Shards in order -> one ``Features`` (shards whose images were all unreadable hold no rows)."""
+    kept = [p for p in parts if len(p.kept)]
+    if not kept:
+        return Features(torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                        [name for p in parts for name in p.skipped])
+    return Features(torch.cat([p.features for p in kept]), torch.cat([p.labels for p in kept]),
+                    torch.cat([p.kept for p in kept]), [name for p in parts for name in p.skipped])
 
 
 def _warn_skipped(skipped: list[str], n: int) -> None:
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} of {n} unreadable images (first: {skipped[0]})", stacklevel=3)
+        warnings.warn(f"skipped {len(skipped)} of {n} unreadable images (first: {skipped[0]})", stacklevel=4)
 
 
 def extract_features(
@@ -140,8 +204,12 @@ def extract_features(
     *,
     use_cache: bool = True,
     num_workers: int = 0,
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> Features:
     """Encode every image of ``source`` with ``clip``, reading and writing the feature cache.
+
+    Inside a ``torchrun`` process group every rank must call this with the same arguments: each encodes its
+    run of shards, and all return the whole set. The cache folder must then be shared by all ranks.
 
     Args:
         clip: the encoder (``encode_images``, ``preprocess``, ``fingerprint``, ``name``).
@@ -151,9 +219,10 @@ def extract_features(
         cache_dir: cache folder (default ``default_cache_dir()``).
         on_error: ``"skip"`` leaves unreadable images out (warning with the count; ``skipped`` lists them),
             ``"fail"`` raises ``BadImageError`` naming the first one.
-        progress: show a tqdm bar (only when stderr is a terminal).
-        use_cache: False extracts without reading or writing the cache.
+        progress: show a tqdm bar (only when stderr is a terminal, and only on rank 0).
+        use_cache: False extracts without reading or writing the cache (single process only).
         num_workers: DataLoader worker processes for image decoding.
+        shard_size: images per cache shard; a set of more images is stored, and resumed, shard by shard.
 
     Returns:
         ``Features`` with ``features [N,E]`` fp32, ``labels [N]``, ``kept [N]`` and ``skipped``.
@@ -162,22 +231,77 @@ def extract_features(
         raise ValueError(f"extract_features: on_error must be 'skip' or 'fail', got {on_error!r}")
     if batch_size < 1:
         raise ValueError(f"extract_features: batch_size must be >= 1, got {batch_size}")
+    if shard_size < 1:
+        raise ValueError(f"extract_features: shard_size must be >= 1, got {shard_size}")
     if len(source) == 0:
         raise DataError("extract_features: the image source is empty")
+    if not use_cache and distributed.is_distributed():
+        raise ValueError("extract_features: use_cache=False cannot run on several ranks; "
+                         "the ranks exchange features through the cache folder")
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = cache_key(clip, source)
-    st_path, json_path = folder / f"{key}.safetensors", folder / f"{key}.json"
     if use_cache:
-        cached = _load_entry(st_path, json_path, key)
+        cached = _load_entry(folder, key)
         if cached is not None:
-            if cached.skipped and on_error == "fail":
-                raise BadImageError(cached.skipped[0], "recorded as unreadable in the feature cache")
-            _warn_skipped(cached.skipped, len(source))
-            return cached
+            return _checked(cached, source, on_error)
 
+    bar = tqdm(total=len(source), unit="img", desc=f"features {clip.name}",
+               disable=not progress or not sys.stderr.isatty() or not distributed.is_main())
+    spans = _spans(len(source), shard_size)
+    with bar:
+        if not use_cache:
+            feats = _encode(clip, source, range(len(source)), batch_size, device, on_error, num_workers, bar)
+            return _checked(_join([feats]), source, on_error)
+        error: Exception | None = None
+        result: Features | None = None  # what rank 0 wrote, returned without reading it back
+        try:
+            if len(spans) == 1:
+                if distributed.is_main():  # one shard: rank 0 encodes it, the others wait
+                    result = _join([_encode(clip, source, spans[0], batch_size, device, on_error, num_workers,
+                                            bar)])
+                    _store_entry(folder, key, result, clip, source, shards=None)
+            else:
+                shard_dir = folder / f"{key}.shards"
+                mine = distributed.shard(len(spans))
+                for span in spans[mine.start:mine.stop]:
+                    path = shard_dir / _shard_name(span)
+                    if _finished_shard(path, key):  # resume: done by an earlier, interrupted run
+                        bar.update(len(span))
+                        continue
+                    _write_shard(path, key, _encode(clip, source, span, batch_size, device, on_error,
+                                                    num_workers, bar))
+        except Exception as e:  # every rank must learn of a failure, or the others wait forever below
+            error = e
+        if not distributed.all_ok(error is None):
+            raise error or DataError("feature extraction failed on another rank; see its error above")
+        if len(spans) > 1 and distributed.is_main():
+            names = [_shard_name(span) for span in spans]
+            result = _join([_read_shard(folder / f"{key}.shards" / name, key) for name in names])
+            _store_entry(folder, key, result, clip, source, shards=names)
+        distributed.barrier()  # the index exists once rank 0 passes here
+    entry = result if result is not None else _load_entry(folder, key)
+    if entry is None:
+        raise DataError(f"the feature cache entry {folder / key}.json was not written (is {folder} shared by "
+                        "every rank?)")
+    return _checked(entry, source, on_error)
+
+
+def _checked(feats: Features, source: ImageSource, on_error: str) -> Features:
+    """Apply the error policy to an extraction's unreadable images."""
+    if feats.skipped and on_error == "fail":
+        raise BadImageError(feats.skipped[0], "recorded as unreadable in the feature cache")
+    _warn_skipped(feats.skipped, len(source))
+    if not len(feats.kept):
+        raise DataError(f"no readable images among {len(source)} (first: {source.describe(0)})")
+    return feats
+
+
+def _encode(clip: ImageEncoder, source: ImageSource, span: range, batch_size: int, device: str | torch.device,
+            on_error: str, num_workers: int, bar: tqdm) -> Features:
+    """Features of images ``span`` of ``source`` (``kept`` holds indices into the whole source)."""
     loader = DataLoader(
-        _Preprocessed(source, clip.preprocess),
+        _IndexSubset(_Preprocessed(source, clip.preprocess), span),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -186,9 +310,7 @@ def extract_features(
     chunks: list[Tensor] = []
     kept: list[int] = []
     skipped: list[str] = []
-    bar = tqdm(total=len(source), unit="img", desc=f"features {clip.name}",
-               disable=not progress or not sys.stderr.isatty())
-    with bar, torch.no_grad():
+    with torch.no_grad():
         for images, idx, bad in loader:
             for i, reason in bad:
                 if on_error == "fail":
@@ -202,22 +324,20 @@ def extract_features(
                 chunks.append(out.detach().float().cpu())
                 kept.extend(idx)
             bar.update(len(idx) + len(bad))
-    _warn_skipped(skipped, len(source))
-    if not chunks:
-        raise DataError(f"no readable images among {len(source)} (first: {source.describe(0)})")
-
     kept_t = torch.tensor(kept, dtype=torch.int64)
-    feats = Features(torch.cat(chunks).contiguous(), source.labels[kept_t].clone(), kept_t, skipped)
-    if use_cache:
-        _store_entry(st_path, json_path, key, feats, clip, source)
-    return feats
+    features = torch.cat(chunks).contiguous() if chunks else torch.zeros(0, 0)
+    return Features(features, source.labels[kept_t].clone(), kept_t, skipped)
 
 
-def _store_entry(st_path: Path, json_path: Path, key: str, feats: Features, clip: ImageEncoder,
-                 source: ImageSource) -> None:
-    # The tensors go first and the sidecar last: a sidecar on disk means a complete entry.
-    with atomic_write(st_path) as tmp:
-        save_file({"features": feats.features, "labels": feats.labels, "kept": feats.kept}, str(tmp))
+def _store_entry(folder: Path, key: str, feats: Features, clip: ImageEncoder, source: ImageSource,
+                 shards: list[str] | None) -> None:
+    """Write the entry's sidecar ``<key>.json`` (and, for a one-file entry, its tensors first).
+
+    The sidecar goes last: a sidecar on disk means a complete entry.
+    """
+    if shards is None:
+        with atomic_write(folder / f"{key}.safetensors") as tmp:
+            save_file({"features": feats.features, "labels": feats.labels, "kept": feats.kept}, str(tmp))
     meta = {
         "format": CACHE_FORMAT,
         "key": key,
@@ -230,5 +350,7 @@ def _store_entry(st_path: Path, json_path: Path, key: str, feats: Features, clip
         "promptkit_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    with atomic_write(json_path) as tmp:
+    if shards is not None:
+        meta["shards"] = shards
+    with atomic_write(folder / f"{key}.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

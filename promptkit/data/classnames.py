@@ -55,3 +55,14 @@ def class_names(benchmark: str) -> list[str]:
 def class_wnids(benchmark: str) -> list[str]:
     """The WordNet ids of ``benchmark``'s classes in label order (sorted), e.g. ``n01440764`` first for imagenet1k."""
     return [row[0] for row in _read_columns(CLASSNAME_DIR / f"{normalize_benchmark(benchmark)}.txt")]
+
+
+def class_list(spec: str | os.PathLike[str]) -> list[str]:
+    """Class names from a file, or the shipped list when ``spec`` names a benchmark (e.g. ``imagenet100``)."""
+    if Path(spec).is_file():
+        return read_class_names(spec)
+    try:
+        return class_names(os.fspath(spec))
+    except ValueError:
+        raise DataError(f"--classes {spec}: neither a class-name file nor a known benchmark "
+                        f"({', '.join(BENCHMARKS)})") from None

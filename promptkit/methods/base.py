@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import promptkit
+from promptkit import distributed
 from promptkit.data.atomic import atomic_write
 
 PROMPTS_FILE = "prompts.safetensors"
@@ -163,22 +164,31 @@ def train_loop(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     step_scheduler_per_batch: bool = False,
 ) -> list[float]:
-    """Run ``epochs`` over shuffled batches, calling ``loss_fn(batch_indices)``; returns each epoch's mean loss."""
+    """Run ``epochs`` over shuffled batches, calling ``loss_fn(batch_indices)``; returns each epoch's mean loss.
+
+    ``loss_fn`` must return the mean over its batch (plus terms that do not depend on the images). Under torchrun
+    every rank draws the same global batch, calls ``loss_fn`` on its own part of it, and the gradients are summed
+    over ranks with each part weighted by its share, so a step equals the single-process step on the whole batch.
+    """
     generator = torch.Generator().manual_seed(seed)
     history = []
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    distributed.broadcast_(parameters)  # replicas start from rank 0's prompts
+    bar = tqdm(range(epochs), desc=desc, disable=not progress or not distributed.is_main(), leave=False)
     for _ in bar:
         total, count = 0.0, 0
         for index in batches(num_samples, batch_size, generator):
-            loss = loss_fn(index)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: the loss became {loss.item()}; lower the learning rate")
+            local, share = distributed.local_batch(index)
+            loss = loss_fn(local) * share  # share is 1 in a single process
+            global_loss = distributed.sum_over_ranks(loss.detach())  # the same value on every rank
+            if not torch.isfinite(global_loss):
+                raise FloatingPointError(f"{desc}: the loss became {global_loss.item()}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.sum_gradients(parameters)
             optimizer.step()
             if scheduler is not None and step_scheduler_per_batch:
                 scheduler.step()
-            total, count = total + loss.item() * len(index), count + len(index)
+            total, count = total + global_loss.item() * len(index), count + len(index)
         if scheduler is not None and not step_scheduler_per_batch:
             scheduler.step()
         history.append(total / max(1, count))

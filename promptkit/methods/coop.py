@@ -10,6 +10,7 @@ from torch import Tensor
 
 from promptkit import ops
 from promptkit.clip import PromptLearner
+from promptkit.distributed import encode_prompts
 from promptkit.methods.base import Method, cosine_lr, train_loop
 from promptkit.methods.mcm import score_and_classify
 
@@ -43,7 +44,7 @@ def fit_positive_prompts(prompts: PromptLearner, clip, features: Tensor, labels:
     scale = clip_logit_scale(clip)
 
     def loss_fn(index: Tensor) -> Tensor:
-        text = prompts()[0]
+        text = encode_prompts(prompts)[0]
         logits = ops.cosine_logits(features[index], text, scale, backend=backend)
         return F.cross_entropy(logits, labels[index])
 
@@ -72,7 +73,7 @@ class CoOp(Method):
 
     @torch.no_grad()
     def text_features(self) -> Tensor:
-        return self.prompts()[0]
+        return encode_prompts(self.prompts)[0]
 
     def score(self, features: Tensor) -> tuple[Tensor, Tensor]:
         return score_and_classify(features, self.text_features(), self.config.temperature, self.backend)

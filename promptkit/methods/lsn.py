@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from promptkit import ops
 from promptkit.clip import PromptLearner
+from promptkit.distributed import encode_prompts
 from promptkit.methods.base import Method, cosine_lr, train_loop
 from promptkit.methods.coop import fit_positive_prompts
 from promptkit.methods.mcm import score_and_classify
@@ -100,10 +101,10 @@ class LSN(Method):
         for epoch in tqdm(range(c.neg_epochs), desc="lsn negatives", disable=not progress, leave=False):
             for k in range(c.n_sets):
                 with torch.no_grad():  # the other sets' features, fixed while set k trains
-                    frozen = self.negative().detach()  # [K, C, E]
+                    frozen = encode_prompts(self.negative).detach()  # [K, C, E]
 
                 def loss_fn(index: Tensor, k: int = k, frozen: Tensor = frozen) -> Tensor:
-                    current = self.negative(sets=[k])[0]  # [C, E]
+                    current = encode_prompts(self.negative, sets=[k])[0]  # [C, E]
                     sets = torch.cat([frozen[:k], current[None], frozen[k + 1:]])
                     loss = self._negative_loss(features[index], current, labels[index])
                     ortho = ops.orthogonality_loss(sets.transpose(0, 1), "abs_sum", backend=self.backend)
@@ -119,7 +120,7 @@ class LSN(Method):
     @torch.no_grad()
     def text_features(self) -> tuple[Tensor, Tensor]:
         """Positive [C, E] and negative [C, K, E] raw text features."""
-        return self.positive()[0], self.negative().transpose(0, 1)
+        return encode_prompts(self.positive)[0], encode_prompts(self.negative).transpose(0, 1)
 
     @torch.no_grad()
     def score(self, features: Tensor) -> tuple[Tensor, Tensor]:

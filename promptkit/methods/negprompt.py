@@ -20,6 +20,7 @@ from torch import Tensor
 
 from promptkit import ops
 from promptkit.clip import PromptLearner
+from promptkit.distributed import encode_prompts
 from promptkit.methods.base import Method, cosine_lr, train_loop
 from promptkit.methods.coop import fit_positive_prompts
 
@@ -114,12 +115,12 @@ class NegPrompt(Method):
             start = self.positive.ctx.expand_as(self.negative.ctx)
             noise = torch.empty_like(start).uniform_(-c.init_noise, c.init_noise)
             self.negative.ctx.copy_(start + noise)
-            positive = self.positive()[0]  # frozen in stage 2: encoded once
+            positive = encode_prompts(self.positive)[0]  # frozen in stage 2: encoded once
         optimizer = torch.optim.SGD([self.negative.ctx], lr=c.neg_lr, momentum=c.momentum)
         scheduler = cosine_lr(optimizer, c.neg_epochs)
 
         def loss_fn(index: Tensor) -> Tensor:
-            negative = self.negative().transpose(0, 1)  # [C, p, E]
+            negative = encode_prompts(self.negative).transpose(0, 1)  # [C, p, E]
             return ops.negprompt_loss(features[index], positive, negative, c.beta, c.gamma, c.train_temperature,
                                       backend=self.backend)
 
@@ -129,7 +130,7 @@ class NegPrompt(Method):
     @torch.no_grad()
     def text_features(self) -> tuple[Tensor, Tensor]:
         """Positive [C, E] and negative [C, p, E] raw text features for every ID class."""
-        return self.positive()[0], self.negative().transpose(0, 1)
+        return encode_prompts(self.positive)[0], encode_prompts(self.negative).transpose(0, 1)
 
     @torch.no_grad()
     def score(self, features: Tensor) -> tuple[Tensor, Tensor]:

@@ -58,7 +58,8 @@ class _Compiled:
 
     def l2norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self._prep(x)
-        y, inv = torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc_dtype(x.dtype))
+        acc = acc_dtype(x.dtype)  # the kernels write their outputs in the accumulation dtype
+        y, inv = torch.empty(x.shape, dtype=acc, device=x.device), x.new_empty(x.shape[0], dtype=acc)
         self._fn("l2norm_fwd")(x.data_ptr(), x.shape[0], x.shape[1], EPS, y.data_ptr(), inv.data_ptr(),
                                _DTYPE_CODES[x.dtype], *self._extra(x))
         return y, inv
@@ -66,7 +67,7 @@ class _Compiled:
     def l2norm_backward(self, dy: Tensor, y: Tensor, inv: Tensor) -> Tensor:
         dy, y = self._prep(dy.to(y.dtype)), self._prep(y)
         inv = inv.to(acc_dtype(y.dtype)).contiguous()
-        dx = torch.empty_like(y)
+        dx = torch.empty(y.shape, dtype=acc_dtype(y.dtype), device=y.device)
         self._fn("l2norm_bwd")(dy.data_ptr(), y.data_ptr(), inv.data_ptr(), y.shape[0], y.shape[1],
                                dx.data_ptr(), _DTYPE_CODES[y.dtype], *self._extra(y))
         return dx
@@ -74,7 +75,7 @@ class _Compiled:
     def mix(self, a: Tensor, b: Tensor, lam: Tensor) -> Tensor:
         a, b = self._prep(a), self._prep(b.to(a.dtype))
         lam = lam.to(acc_dtype(a.dtype)).contiguous()
-        out = torch.empty_like(a)
+        out = torch.empty(a.shape, dtype=acc_dtype(a.dtype), device=a.device)
         self._fn("mix")(a.data_ptr(), b.data_ptr(), lam.data_ptr(), a.shape[0], a.shape[1], out.data_ptr(),
                         _DTYPE_CODES[a.dtype], *self._extra(a))
         return out

@@ -63,3 +63,14 @@ def test_benchmark_names() -> None:
     assert normalize_benchmark("imagenet_20") == "imagenet20"
     with pytest.raises(ValueError, match="unknown benchmark 'cifar10'; known: imagenet1k"):
         class_names("cifar10")
+
+
+def test_class_list_reads_a_file_or_a_shipped_benchmark(tmp_path):
+    from promptkit.data.classnames import class_list
+
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    assert class_list(names) == ["cat", "dog"]
+    assert class_list("ImageNet-10")[0] == class_names("imagenet10")[0]
+    with pytest.raises(DataError, match="neither a class-name file nor a known benchmark"):
+        class_list(tmp_path / "missing.txt")

@@ -1,0 +1,227 @@
+"""LAPT (Zhang et al., ECCV 2024): label-driven automated prompt tuning, no ID images needed.
+
+1. NegMine picks M negative labels (LAPT's proportional noun/adjective split): M = 1000 to train, 10,000 to
+   test (the shared negative context transfers to any label list).
+2. The pipeline collects images for the C ID and M negative labels (``promptkit.collect``) and calls
+   ``fit(features, labels)`` with labels in [0, C + M).
+3. Distribution-aware prompts: one shared n_ctx-token context for the ID labels, one for the negative labels,
+   "[ctx] <label>.". Loss: soft cross-entropy over the C + M labels at CLIP's logit scale, on
+   - cross-modal mixes, which replace the images: normalise(lam f + (1 - lam) g_y), g_y the frozen feature
+     of the label in one of 7 templates drawn at random, lam ~ Beta(alpha, alpha) per batch, target y;
+   - plus cross-distribution mixes: each ID sample with a random negative-labelled one of the batch and vice
+     versa, normalise(lam f_a + (1 - lam) f_b), target s y_ood + (1 - s)(lam y_a + (1 - lam) y_b) with
+     s = min(beta lam, 1). The label set has no separate OOD bucket, so y_ood is spread uniformly over the M
+     negative labels (``ood_target="negatives"``; ``"uniform"``: over all C + M labels, as the official code
+     does without an OOD bucket).
+   Both mixings can be switched off (``cross_modal``, ``cross_distribution``). SGD Nesterov, cosine per step.
+4. Score: the grouped NegLabel score on the learned prompts with the test negatives (100 groups, seed 0).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from promptkit import ops
+from promptkit.clip import PromptLearner
+from promptkit.methods.base import Method, cosine_lr, train_loop
+from promptkit.methods.coop import clip_logit_scale
+from promptkit.methods.negmine import NegativeLabels, load_vocabulary, mine_negative_labels, negative_labels_from_json
+from promptkit.methods.neglabel import grouped_neglabel_score
+
+# TIP-Adapter's templates: the frozen label features that cross-modal mixing draws from.
+MIX_TEMPLATES = ("a bad photo of the {}.", "a {} in a video game.", "a origami {}.", "a photo of the small {}.",
+                 "art of the {}.", "a photo of the large {}.", "itap of a {}.")
+OOD_TARGETS = ("negatives", "uniform")
+
+
+@dataclass
+class LAPTConfig:
+    n_ctx: int = 4
+    train_negatives: int = 1000
+    test_negatives: int = 10000
+    percentile: float = 0.95
+    vocabulary: str | None = None  # a word list file; None: the shipped WordNet list
+    images_per_label: int = 16  # retrieval: top-k pool images per label
+    cross_modal: bool = True
+    cross_distribution: bool = True
+    alpha: float = 1.0  # lam ~ Beta(alpha, alpha)
+    beta: float = 0.3  # OOD share of a cross-distribution mix: min(beta * lam, 1)
+    ood_target: str = "negatives"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    temperature: float = 0.01  # test score
+    groups: int = 100
+    group_seed: int = 0
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ood_target not in OOD_TARGETS:
+            raise ValueError(f"lapt: ood_target must be one of {OOD_TARGETS}, got {self.ood_target!r}")
+        if self.train_negatives < 1 or self.test_negatives < 1:
+            raise ValueError("lapt: train_negatives and test_negatives must be >= 1")
+        if self.alpha <= 0 or self.beta < 0:
+            raise ValueError(f"lapt: alpha must be > 0 and beta >= 0, got {self.alpha}, {self.beta}")
+
+
+def cross_distribution_partners(labels: Tensor, num_id: int, generator: torch.Generator) -> Tensor | None:
+    """For each sample, a random sample of the other side (ID label < num_id vs negative label) of the batch.
+    labels [B] -> partner indices [B], or None when the batch lacks one side."""
+    is_id = labels < num_id
+    ids, negs = torch.nonzero(is_id).flatten(), torch.nonzero(~is_id).flatten()
+    if len(ids) == 0 or len(negs) == 0:
+        return None
+    partner = torch.empty_like(labels)
+    partner[ids] = negs[torch.randint(len(negs), (len(ids),), generator=generator)]
+    partner[negs] = ids[torch.randint(len(ids), (len(negs),), generator=generator)]
+    return partner
+
+
+def cross_distribution_targets(targets: Tensor, partner: Tensor, lam: float, beta: float, num_id: int,
+                               ood_target: str = "negatives") -> Tensor:
+    """s y_ood + (1 - s)(lam y + (1 - lam) y[partner]), s = min(beta lam, 1). targets [B, N] -> [B, N].
+
+    y_ood is uniform over the N - num_id negative labels (``"negatives"``) or over all N labels (``"uniform"``).
+    """
+    share = min(beta * lam, 1.0)
+    ood = torch.zeros_like(targets[0])
+    if ood_target == "negatives":
+        ood[num_id:] = 1.0 / (targets.shape[1] - num_id)
+    else:
+        ood[:] = 1.0 / targets.shape[1]
+    return share * ood + (1 - share) * (lam * targets + (1 - lam) * targets[partner])
+
+
+class LAPT(Method):
+    """Distribution-aware prompts learned on collected images of ID and mined negative labels."""
+
+    name = "lapt"
+    Config = LAPTConfig
+    collects_training_images = True  # the pipeline collects images for training_labels() instead of --train
+
+    def __init__(self, clip, class_names, config=None, backend="auto"):
+        super().__init__(clip, class_names, config, backend)
+        torch.manual_seed(self.config.seed)
+        self.id_prompts = PromptLearner(clip, self.class_names, n_ctx=self.config.n_ctx)
+        # the negative learner starts on a placeholder word; mine() gives it the training negatives
+        self.neg_prompts = PromptLearner(clip, ["none"], n_ctx=self.config.n_ctx)
+        self._test_text: Tensor | None = None
+
+    # -- negative labels ----------------------------------------------------------------------------
+
+    def mine(self, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
+             ) -> tuple[NegativeLabels, NegativeLabels]:
+        """Training (M=train_negatives) and test (M=test_negatives) negative labels: saved ones when reloaded."""
+        c = self.config
+        if "negative_labels" not in self.info:
+            vocabulary = load_vocabulary(c.vocabulary)
+            mined = {split: mine_negative_labels(self.clip, self.class_names, vocabulary, count, None, c.percentile,
+                                                 cache_dir, progress)
+                     for split, count in (("train", c.train_negatives), ("test", c.test_negatives))}
+            self.info["negative_labels"] = {split: labels.to_json() for split, labels in mined.items()}
+        saved = self.info["negative_labels"]
+        train, test = negative_labels_from_json(saved["train"]), negative_labels_from_json(saved["test"])
+        if self.neg_prompts.class_names != list(train.words):
+            self.neg_prompts.set_class_names(list(train.words))
+        return train, test
+
+    def training_labels(self) -> list[str]:
+        """The C + M label texts that training images are collected for; label i of ``fit`` is text i."""
+        return self.class_names + list(self.mine()[0].words)
+
+    # -- training -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _mix_text_features(self, labels: list[str]) -> Tensor:
+        """Frozen, L2-normalised features [L, T, E] of every label in the T mixing templates."""
+        texts = [t.format(label) for label in labels for t in MIX_TEMPLATES]
+        features = self.clip.encode_texts(texts).float()
+        return F.normalize(features, dim=-1).reshape(len(labels), len(MIX_TEMPLATES), -1)
+
+    def fit(self, features: Tensor, labels: Tensor, progress: bool = True) -> "LAPT":
+        c = self.config
+        train, _ = self.mine(progress=progress)
+        num_id, num_labels = len(self.class_names), len(self.class_names) + len(train)
+        if len(labels) == 0 or int(labels.min()) < 0 or int(labels.max()) >= num_labels:
+            raise ValueError(f"lapt: training labels must lie in [0, C+M={num_labels}) (ID classes, then the "
+                             "mined negatives), got an empty or out-of-range label tensor")
+        device = self.clip.device
+        features = F.normalize(features.to(device).float(), dim=-1)
+        labels = labels.to(device)
+        onehot = F.one_hot(labels, num_labels).float()
+        mix_text = self._mix_text_features(self.training_labels()) if c.cross_modal else None
+        scale = clip_logit_scale(self.clip)
+        rng = np.random.default_rng(c.seed)  # lam draws
+        generator = torch.Generator().manual_seed(c.seed + 1)  # template and partner draws
+        parameters = [self.id_prompts.ctx, self.neg_prompts.ctx]
+        optimizer = torch.optim.SGD(parameters, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                    nesterov=True)
+        steps = c.epochs * -(-len(labels) // c.batch_size)
+        scheduler = cosine_lr(optimizer, steps)
+        counts = {"cross_distribution_batches": 0, "batches": 0}
+
+        def loss_fn(index: Tensor) -> Tensor:
+            image, target = features[index], onehot[index]
+            text = torch.cat([self.id_prompts()[0], self.neg_prompts()[0]])
+            if mix_text is not None:
+                lam = float(rng.beta(c.alpha, c.alpha))
+                pick = torch.randint(len(MIX_TEMPLATES), (len(index),), generator=generator).to(device)
+                image_or_mix = ops.mix_features(image, mix_text[labels[index], pick], lam, backend=self.backend)
+            else:
+                image_or_mix = image
+            loss = ops.soft_cross_entropy(image_or_mix, text, target, scale, backend=self.backend)
+            counts["batches"] += 1
+            partner = cross_distribution_partners(labels[index].cpu(), num_id, generator) \
+                if c.cross_distribution else None
+            if partner is not None:
+                lam = float(rng.beta(c.alpha, c.alpha))
+                partner = partner.to(device)
+                mixed = ops.mix_features(image, image[partner], lam, backend=self.backend)
+                mixed_target = cross_distribution_targets(target, partner, lam, c.beta, num_id, c.ood_target)
+                loss = loss + ops.soft_cross_entropy(mixed, text, mixed_target, scale, backend=self.backend)
+                counts["cross_distribution_batches"] += 1
+            return loss
+
+        self.info["loss"] = train_loop(loss_fn, parameters, optimizer, len(labels), c.epochs, c.batch_size, c.seed,
+                                       "lapt", progress, scheduler, step_scheduler_per_batch=True)
+        self.info.update(counts, train_images={"id": int((labels < num_id).sum()),
+                                               "negative": int((labels >= num_id).sum())})
+        self._test_text = None
+        return self
+
+    # -- scoring ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def text_features(self) -> tuple[Tensor, Tensor]:
+        """Learned ID prompt features [C, E] and test negative prompt features [M_test, E] (computed once)."""
+        train, test = self.mine()
+        if self._test_text is None:
+            try:
+                self.neg_prompts.set_class_names(list(test.words))
+                chunks = [self.neg_prompts(classes=part)[0] for part in torch.arange(len(test)).split(1024)]
+            finally:
+                self.neg_prompts.set_class_names(list(train.words))
+            self._test_text = torch.cat(chunks)
+        return self.id_prompts()[0], self._test_text
+
+    def score(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        id_text, neg_text = self.text_features()
+        c = self.config
+        return grouped_neglabel_score(features, id_text, neg_text, c.temperature, c.groups, c.group_seed,
+                                      self.backend)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"id_ctx": self.id_prompts.ctx, "negative_ctx": self.neg_prompts.ctx}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        self.id_prompts.ctx.data.copy_(tensors["id_ctx"])
+        self.neg_prompts.ctx.data.copy_(tensors["negative_ctx"])
+        self._test_text = None
