@@ -33,6 +33,9 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str | None =
 def _add_data_args(parser: argparse.ArgumentParser, with_train: bool = True) -> None:
     group = parser.add_argument_group("data (none given: the embedded default)")
     if with_train:
+        group.add_argument("--pool", help="LAPT: retrieval pool for its training images (image folder, list file, "
+                                          "embedded:<split> or a .safetensors feature file; default: the embedded "
+                                          "training images, labels ignored)")
         group.add_argument("--train", help="ID training images: an image folder (one subfolder per class) or a "
                                             "list file of `path label` lines")
     group.add_argument("--id", help="ID test images: folder or list file")
@@ -108,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(compare)
     _add_run_args(compare)
 
+    collect = sub.add_parser("collect", help="collect training images for the ID and mined negative labels (LAPT)")
+    collect.add_argument("--output", required=True, help="folder for collection.txt, classnames.txt, "
+                                                         "features.safetensors and negatives.txt")
+    collect.add_argument("--negatives", type=int, default=1000, help="M negative labels to mine (default 1000)")
+    collect.add_argument("--vocabulary", help="word list file (default: the shipped WordNet list)")
+    collect.add_argument("--per-label", type=int, default=16, help="images per label (retrieval top-k, generation)")
+    collect.add_argument("--pool", help="retrieve from this pool (image folder, list file, embedded:<split> or "
+                                        ".safetensors features; default: embedded:train)")
+    collect.add_argument("--folders", help="also take images from FOLDER/<label>/ subfolders")
+    collect.add_argument("--generate", metavar="MODEL", help="also generate images with this diffusers model "
+                                                               "(needs diffusers and a GPU)")
+    _add_model_args(collect)
+    _add_data_args(collect, with_train=False)
+    _add_run_args(collect)
+
     sub.add_parser("info", help="versions, built backends, and why any backend is missing")
     return parser
 
@@ -167,8 +185,10 @@ def _clip(args, meta: dict | None = None):
 def _data(args, with_train: bool = True):
     from promptkit.pipeline import resolve_datasets
 
-    return resolve_datasets(getattr(args, "train", None) if with_train else None, args.id, args.ood,
+    data = resolve_datasets(getattr(args, "train", None) if with_train else None, args.id, args.ood,
                             args.benchmark, args.data_root, args.classes)
+    data.pool = getattr(args, "pool", None)
+    return data
 
 
 def _write_reports(directory: Path, metrics: dict, scores: dict | None, plots: bool) -> str:
@@ -186,9 +206,19 @@ def _write_reports(directory: Path, metrics: dict, scores: dict | None, plots: b
     return table
 
 
+def _note_unused_train(args, methods: list[str]) -> None:
+    from promptkit.methods import METHODS
+
+    collecting = [m for m in methods if getattr(METHODS.get(m), "collects_training_images", False)]
+    if getattr(args, "train", None) and collecting:
+        print(f"note: {', '.join(collecting)} collects its training images from --pool; --train is not used by it",
+              file=sys.stderr)
+
+
 def cmd_train(args) -> None:
     from promptkit.pipeline import output_dir, train_and_evaluate
 
+    _note_unused_train(args, [args.method])
     clip = _clip(args)
     data = _data(args)
     result = train_and_evaluate(args.method, clip, data, args.shots, args.seed, parse_settings(args.set),
@@ -285,6 +315,7 @@ def cmd_compare(args) -> None:
         if not dot or method not in per_method:
             raise ValueError(f"--set for compare expects METHOD.KEY=VALUE with METHOD in {methods}, got {key!r}")
         per_method[method][setting] = value
+    _note_unused_train(args, methods)
     clip, data, options = _clip(args), _data(args), _options(args)
     runs = []
     for method in methods:
@@ -313,7 +344,43 @@ def cmd_info(args) -> None:
     print(report())
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "score": cmd_score, "extract": cmd_extract,
+def cmd_collect(args) -> None:
+    from promptkit.collect import from_folders, generate, open_pool, retrieve, save_collection
+    from promptkit.data.classnames import class_list
+    from promptkit.data.sources import open_source
+    from promptkit.methods.negmine import load_vocabulary, mine_negative_labels
+
+    if args.classes:
+        names = class_list(args.classes)
+    elif args.id:
+        names = open_source(args.id).class_names
+    else:
+        from promptkit.pipeline import embedded_datasets
+
+        names = embedded_datasets().class_names
+    if not names:
+        raise ValueError("no ID class names: give --classes FILE or an --id folder with class subfolders")
+    clip, options = _clip(args), _options(args)
+    negatives = mine_negative_labels(clip, names, load_vocabulary(args.vocabulary), count=args.negatives,
+                                     cache_dir=options.cache_dir, progress=options.progress)
+    labels = names + list(negatives.words)
+    pool = open_pool(args.pool or "embedded:train", clip, cache_dir=options.cache_dir,
+                     batch_size=options.batch_size, progress=options.progress)
+    collection = retrieve(clip, pool, labels, args.per_label)
+    if args.generate:
+        generated = generate(labels, args.per_label, Path(args.output) / "generated", args.generate)
+        collection = collection + from_folders(clip, generated, labels, options.cache_dir, options.progress)
+    if args.folders:
+        collection = collection + from_folders(clip, args.folders, labels, options.cache_dir, options.progress)
+    out = save_collection(collection, args.output)
+    with atomic_write(out / "negatives.txt") as tmp:
+        tmp.write_text("".join(f"{p}\t{w}\n" for w, p in zip(negatives.words, negatives.pos)))
+    counts = collection.counts()
+    print(f"{len(collection)} images for {int((counts > 0).sum())} of {len(labels)} labels ({len(names)} ID, "
+          f"{len(negatives)} negative) written to {out}")
+
+
+COMMANDS = {"collect": cmd_collect, "train": cmd_train, "eval": cmd_eval, "score": cmd_score, "extract": cmd_extract,
             "compare": cmd_compare, "info": cmd_info}
 
 

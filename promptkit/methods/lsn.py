@@ -52,6 +52,7 @@ class LSNConfig:
     temperature: float = 1.0
     neg_temperature: float = 5.0
     score: str = "paper"  # "paper": MCM - MinCM; "official": MCM + mean_k max softmax((1 - cos) / neg_T)
+    cache_frozen_text: bool = True  # encode the other sets once per set switch (False: every step)
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -104,6 +105,9 @@ class LSN(Method):
                     frozen = encode_prompts(self.negative).detach()  # [K, C, E]
 
                 def loss_fn(index: Tensor, k: int = k, frozen: Tensor = frozen) -> Tensor:
+                    if not c.cache_frozen_text:
+                        with torch.no_grad():
+                            frozen = encode_prompts(self.negative)
                     current = encode_prompts(self.negative, sets=[k])[0]  # [C, E]
                     sets = torch.cat([frozen[:k], current[None], frozen[k + 1:]])
                     loss = self._negative_loss(features[index], current, labels[index])

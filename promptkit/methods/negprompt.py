@@ -48,6 +48,7 @@ class NegPromptConfig:
     gamma: float = 0.05
     train_temperature: float = 0.01  # CLIP's scale 100 on the cosine
     temperature: float = 1.0  # test score
+    cache_frozen_text: bool = True  # encode the frozen positives once in stage 2 (False: every step)
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -115,17 +116,22 @@ class NegPrompt(Method):
             start = self.positive.ctx.expand_as(self.negative.ctx)
             noise = torch.empty_like(start).uniform_(-c.init_noise, c.init_noise)
             self.negative.ctx.copy_(start + noise)
-            positive = encode_prompts(self.positive)[0]  # frozen in stage 2: encoded once
+            positive = self._frozen_positive()  # frozen in stage 2: encoded once
         optimizer = torch.optim.SGD([self.negative.ctx], lr=c.neg_lr, momentum=c.momentum)
         scheduler = cosine_lr(optimizer, c.neg_epochs)
 
         def loss_fn(index: Tensor) -> Tensor:
             negative = encode_prompts(self.negative).transpose(0, 1)  # [C, p, E]
-            return ops.negprompt_loss(features[index], positive, negative, c.beta, c.gamma, c.train_temperature,
+            frozen = positive if c.cache_frozen_text else self._frozen_positive()
+            return ops.negprompt_loss(features[index], frozen, negative, c.beta, c.gamma, c.train_temperature,
                                       backend=self.backend)
 
         return train_loop(loss_fn, [self.negative.ctx], optimizer, len(features), c.neg_epochs, c.neg_batch_size,
                           c.seed + 1, "negprompt negatives", progress, scheduler)
+
+    @torch.no_grad()
+    def _frozen_positive(self) -> Tensor:
+        return encode_prompts(self.positive)[0]
 
     @torch.no_grad()
     def text_features(self) -> tuple[Tensor, Tensor]:
