@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -206,9 +207,27 @@ def encode_prompts(prompts, sets: list[int] | None = None) -> Tensor:
     if local.shape[1] < widest:  # all_gather needs equal shapes: pad, then drop the padding
         pad = local.new_zeros(local.shape[0], widest - local.shape[1], local.shape[2])
         local = torch.cat([local, pad], dim=1)
-    pieces = dist_nn.all_gather(local)
+    with warnings.catch_warnings():  # torch 2.15 deprecates it for a private module; it is the public API
+        warnings.simplefilter("ignore", FutureWarning)
+        pieces = dist_nn.all_gather(local)
     sizes = [len(shard(prompts.n_classes, index=r)) for r in range(world_size())]
-    return torch.cat([piece[:, :size] for piece, size in zip(pieces, sizes)], dim=1)
+    return torch.cat([_ContiguousGrad.apply(piece)[:, :size] for piece, size in zip(pieces, sizes)], dim=1)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    The backward of ``all_gather`` sends the pieces' gradients through ``all_to_all``, which on gloo reads a
+    strided gradient (a class slice of ``[K, C, E]`` with K > 1) as if it were dense and mixes up its values.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 def _collective_device() -> torch.device:

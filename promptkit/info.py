@@ -32,7 +32,8 @@ def report() -> str:
         lines.append(f"compiled core: promptkit._C {build['version']} ({build['compiler']}), "
                      f"OpenMP {'on, %d threads' % build['openmp_threads'] if build['openmp'] else 'off'}")
         if build["cuda"]:
-            lines.append(f"CUDA kernels: built with CUDA {build['cuda_version']} for sm_{build['cuda_archs']}")
+            archs = ", ".join(f"sm_{a}" for a in build["cuda_archs"].replace(";", ",").split(","))
+            lines.append(f"CUDA kernels: built with CUDA {build['cuda_version']} for {archs}")
         else:
             lines.append(f"CUDA kernels: not built ({build['why_no_cuda']})")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from types import ModuleType
 
@@ -15,19 +14,36 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here; the message says why."""
 
 
-@functools.cache
+# Import results, looked up once (a plain dict rather than functools.cache, which torch.compile warns about).
+_IMPORTED: dict[str, tuple[ModuleType | None, str]] = {}
+
+
 def compiled_module() -> tuple[ModuleType | None, str]:
     """The compiled extension ``promptkit._C`` and, if it failed to import, why."""
-    try:
-        from promptkit import _C
-    except ImportError as error:
-        return None, f"promptkit._C is not built or failed to import ({error}); reinstall with `pip install .`"
-    return _C, ""
+    if "_C" not in _IMPORTED:
+        try:
+            from promptkit import _C
+
+            _IMPORTED["_C"] = (_C, "")
+        except ImportError as error:
+            _IMPORTED["_C"] = (None, f"promptkit._C is not built or failed to import ({error}); "
+                                     "reinstall with `pip install .`")
+    return _IMPORTED["_C"]
 
 
-@functools.cache
 def triton_module() -> tuple[ModuleType | None, str]:
     """``promptkit.kernels`` (Triton) and, if it cannot be used, why."""
+    if "triton" not in _IMPORTED:
+        _IMPORTED["triton"] = _import_triton_kernels()
+    return _IMPORTED["triton"]
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1): used for tests without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _import_triton_kernels() -> tuple[ModuleType | None, str]:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -37,11 +53,6 @@ def triton_module() -> tuple[ModuleType | None, str]:
     except ImportError as error:
         return None, f"promptkit.kernels failed to import ({error})"
     return kernels, ""
-
-
-def triton_interpreted() -> bool:
-    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1): used for tests without a GPU."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def why_unavailable(backend: str, device: torch.device) -> str:

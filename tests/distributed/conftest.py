@@ -17,7 +17,7 @@ def _torchrun(nproc: int, target: list[str], cwd: Path, check: bool = True) -> s
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PROMPTKIT_DEBUG")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TRITON_INTERPRET="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "0", *target]
+               "--standalone", *target]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun {' '.join(target)} failed ({result.returncode}):\n{result.stderr[-4000:]}")

@@ -20,7 +20,7 @@ from promptkit.methods import METHODS
 SETTINGS = {
     "coop": dict(n_ctx=4, epochs=3, batch_size=4, warmup_epochs=0),
     "lsn": dict(n_ctx=4, pos_epochs=2, pos_batch_size=4, n_neg_ctx=4, n_sets=2, neg_epochs=2, neg_batch_size=5),
-    "negprompt": dict(pos_epochs=2, pos_batch_size=4, n_neg=2, neg_epochs=2, neg_batch_size=4, neg_lr=0.05),
+    "negprompt": dict(pos_epochs=2, pos_batch_size=4, n_neg=2, neg_epochs=2, neg_batch_size=4),
 }
 
 
