@@ -5,9 +5,12 @@ Every backend offers the same primitives with the same semantics (``csrc/`` and 
 - ``l2norm(x) -> (unit rows, 1 / norms)`` and ``l2norm_backward``;
 - ``cosine(img, txt, scale) -> [B, N]`` on unit rows;
 - ``segment_stats(img, txt, offsets, scales) -> (max, min, logsumexp)`` of scale_s * cos over column segments;
-- ``xent(img, txt, scale, kind, labels, targets) -> (loss rows, logsumexp rows)`` and ``xent_backward -> dcos``:
-  loss_b = a_b * lse_b(z) - sum_n w_bn z_bn with z = scale * cos and targets w given by ``kind``
-  (0: index ``labels``, 1: uniform over all columns, 2: dense ``targets``; a_b = sum_n w_bn);
+- ``xent(img, txt, scale, kind, labels, targets) -> (loss rows, logsumexp rows, saved)`` and
+  ``xent_backward(..., lse, grad_rows, saved) -> dcos``: loss_b = a_b * lse_b(z) - sum_n w_bn z_bn with
+  z = scale * cos and targets w given by ``kind`` (0: index ``labels``, 1: uniform over all columns, 2: dense
+  ``targets``; a_b = sum_n w_bn). ``saved`` is what the backward reuses: the cpp backend keeps the [B, N] cosines
+  its BLAS product made (on a CPU the product is the cost, memory is not), the GPU backends keep nothing
+  (an empty tensor) and recompute the cosine tiles;
 - ``mix``, ``ortho`` and ``ortho_backward``.
 
 The CPU (``cpp``) backend leaves the matrix product to torch's BLAS and fuses the passes over the [B, N]
@@ -25,6 +28,12 @@ EPS = 1e-12
 XENT_INDEX, XENT_UNIFORM, XENT_DENSE = 0, 1, 2
 ORTHO_MODES = {"abs_sum": 0, "mean_cos": 1}
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+KEEPS_COSINES = frozenset({"cpp"})  # backends whose xent forward saves the [B, N] cosines for the backward
+
+
+def saved_shape(backend: str, rows: int, cols: int) -> tuple[int, ...]:
+    """Shape of the ``saved`` tensor that ``xent`` returns on ``backend``."""
+    return (rows, cols) if backend in KEEPS_COSINES else (0,)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -130,10 +139,10 @@ class CppKernels(_Compiled):
         loss, lse = cos.new_empty(cos.shape[0]), cos.new_empty(cos.shape[0])
         self.C.xent_fwd_cpu(cos.data_ptr(), cos.shape[0], cos.shape[1], float(scale), kind, _ptr(labels),
                             _ptr(targets), loss.data_ptr(), lse.data_ptr(), _DTYPE_CODES[cos.dtype])
-        return loss, lse
+        return loss, lse, cos
 
-    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows):
-        cos = self._prep(img) @ self._prep(txt).T
+    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows, saved):
+        cos = saved.contiguous() if saved.numel() else self._prep(img) @ self._prep(txt).T
         labels = None if labels is None else labels.contiguous()
         targets = None if targets is None else targets.to(cos.dtype).contiguous()
         # Bind every converted tensor to a name: a temporary would be freed before the kernel reads it.
@@ -179,9 +188,9 @@ class CudaKernels(_Compiled):
         self.C.xent_fwd_cuda(img.data_ptr(), txt.data_ptr(), img.shape[0], txt.shape[0], img.shape[1], float(scale),
                              kind, _ptr(labels), _ptr(targets), loss.data_ptr(), lse.data_ptr(),
                              _DTYPE_CODES[img.dtype], *self._extra(img))
-        return loss, lse
+        return loss, lse, img.new_empty(0)
 
-    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows):
+    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows, saved):
         img, txt = img.contiguous(), txt.to(img.dtype).contiguous()
         acc = acc_dtype(img.dtype)
         labels = None if labels is None else labels.contiguous()
@@ -228,9 +237,11 @@ class TritonKernels:
 
     def xent(self, img, txt, scale, kind, labels=None, targets=None):
         targets = None if targets is None else targets.contiguous()
-        return self.K.xent_fwd(img.contiguous(), txt.to(img.dtype).contiguous(), float(scale), kind, labels, targets)
+        loss, lse = self.K.xent_fwd(img.contiguous(), txt.to(img.dtype).contiguous(), float(scale), kind, labels,
+                                    targets)
+        return loss, lse, img.new_empty(0)
 
-    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows):
+    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows, saved):
         targets = None if targets is None else targets.contiguous()
         return self.K.xent_bwd(img.contiguous(), txt.to(img.dtype).contiguous(), float(scale), kind, labels, targets,
                                lse.contiguous(), grad_rows.contiguous())

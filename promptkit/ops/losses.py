@@ -1,7 +1,9 @@
 """Prompt-learning losses with gradients to the image and text features.
 
-The cross-entropy parts run on the fused ``xent`` primitive: the forward keeps only one logsumexp per row,
-and the backward recomputes the logits from the features, so the [B, N] probabilities are never stored.
+The cross-entropy parts run on the fused ``xent`` primitive: the forward keeps one logsumexp per row and the
+backward rebuilds the gradient of the logits from it, so the [B, N] probabilities are never stored. The GPU
+backends also recompute the cosines in the backward; the cpp backend keeps the cosines its BLAS product made
+(see ``_kernels.saved_shape``).
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ import torch
 from torch import Tensor
 
 from promptkit.ops import _checks, reference
-from promptkit.ops._kernels import XENT_DENSE, XENT_INDEX, XENT_UNIFORM, acc_dtype, kernels
+from promptkit.ops._kernels import XENT_DENSE, XENT_INDEX, XENT_UNIFORM, acc_dtype, kernels, saved_shape
 
 
-def _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows):
+def _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, saved, grad_rows):
     """Gradients of sum_b grad_rows[b] * loss_b with respect to the unit image and text rows."""
-    dcos = k.xent_backward(unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows)
+    dcos = k.xent_backward(unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows, saved)
     return dcos @ unit_text.to(dcos.dtype), dcos.T @ unit_image.to(dcos.dtype)
 
 
@@ -23,57 +25,62 @@ def _xent_loss(image, text, scale, kind, labels, targets, backend):
     k = kernels(backend)
     unit_image, _ = k.l2norm(image)
     unit_text, _ = k.l2norm(text)
-    rows, lse = k.xent(unit_image, unit_text, scale, kind, labels, targets)
-    return rows.mean().to(image.dtype), lse
+    rows, lse, saved = k.xent(unit_image, unit_text, scale, kind, labels, targets)
+    return rows.mean().to(image.dtype), lse, saved
 
 
-def _xent_input_grads(grad, image, text, scale, kind, labels, targets, lse, backend):
+def _xent_input_grads(grad, image, text, scale, kind, labels, targets, lse, saved, backend):
     k = kernels(backend)
     unit_image, inv_image = k.l2norm(image)
     unit_text, inv_text = k.l2norm(text)
     grad_rows = (grad / image.shape[0]).to(lse.dtype).expand(image.shape[0])
-    d_image, d_text = _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows)
+    d_image, d_text = _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, saved,
+                                       grad_rows)
     return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype),
             k.l2norm_backward(d_text, unit_text, inv_text).to(text.dtype))
 
 
-def _fake_loss(image: Tensor) -> tuple[Tensor, Tensor]:
-    return image.new_empty(()), image.new_empty(image.shape[0], dtype=acc_dtype(image.dtype))
+def _fake_loss(image: Tensor, columns: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    acc = acc_dtype(image.dtype)
+    return (image.new_empty(()), image.new_empty(image.shape[0], dtype=acc),
+            image.new_empty(saved_shape(backend, image.shape[0], columns), dtype=acc))
 
 
 # LSN negative loss: cross-entropy on (1 - cos) / T == -cos / T up to a per-row constant.
 
 @torch.library.custom_op("promptkit::lsn_negative_loss", mutates_args=())
 def _lsn_negative_loss(image: Tensor, neg_text: Tensor, labels: Tensor, temperature: float,
-                       backend: str) -> tuple[Tensor, Tensor]:
+                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return _xent_loss(image, neg_text, -1.0 / temperature, XENT_INDEX, labels, None, backend)
 
 
 @torch.library.custom_op("promptkit::lsn_negative_loss_backward", mutates_args=())
 def _lsn_negative_loss_backward(grad: Tensor, image: Tensor, neg_text: Tensor, labels: Tensor, lse: Tensor,
-                                temperature: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _xent_input_grads(grad, image, neg_text, -1.0 / temperature, XENT_INDEX, labels, None, lse, backend)
+                                saved: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _xent_input_grads(grad, image, neg_text, -1.0 / temperature, XENT_INDEX, labels, None, lse, saved,
+                             backend)
 
 
 @_lsn_negative_loss.register_fake
 def _(image, neg_text, labels, temperature, backend):
-    return _fake_loss(image)
+    return _fake_loss(image, neg_text.shape[0], backend)
 
 
 @_lsn_negative_loss_backward.register_fake
-def _(grad, image, neg_text, labels, lse, temperature, backend):
+def _(grad, image, neg_text, labels, lse, saved, temperature, backend):
     return torch.empty_like(image), torch.empty_like(neg_text)
 
 
 def _lsn_setup(ctx, inputs, output):
     image, neg_text, labels, temperature, backend = inputs
-    ctx.save_for_backward(image, neg_text, labels, output[1])
+    ctx.save_for_backward(image, neg_text, labels, output[1], output[2])
     ctx.temperature, ctx.backend = temperature, backend
 
 
-def _lsn_backward(ctx, grad, _grad_lse):
-    image, neg_text, labels, lse = ctx.saved_tensors
-    d_image, d_text = _lsn_negative_loss_backward(grad, image, neg_text, labels, lse, ctx.temperature, ctx.backend)
+def _lsn_backward(ctx, grad, _grad_lse, _grad_saved):
+    image, neg_text, labels, lse, saved = ctx.saved_tensors
+    d_image, d_text = _lsn_negative_loss_backward(grad, image, neg_text, labels, lse, saved, ctx.temperature,
+                                                  ctx.backend)
     return d_image, d_text, None, None, None
 
 
@@ -84,35 +91,35 @@ _lsn_negative_loss.register_autograd(_lsn_backward, setup_context=_lsn_setup)
 
 @torch.library.custom_op("promptkit::soft_cross_entropy", mutates_args=())
 def _soft_cross_entropy(image: Tensor, text: Tensor, targets: Tensor, scale: float,
-                        backend: str) -> tuple[Tensor, Tensor]:
+                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return _xent_loss(image, text, scale, XENT_DENSE, None, targets, backend)
 
 
 @torch.library.custom_op("promptkit::soft_cross_entropy_backward", mutates_args=())
 def _soft_cross_entropy_backward(grad: Tensor, image: Tensor, text: Tensor, targets: Tensor, lse: Tensor,
-                                 scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _xent_input_grads(grad, image, text, scale, XENT_DENSE, None, targets, lse, backend)
+                                 saved: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _xent_input_grads(grad, image, text, scale, XENT_DENSE, None, targets, lse, saved, backend)
 
 
 @_soft_cross_entropy.register_fake
 def _(image, text, targets, scale, backend):
-    return _fake_loss(image)
+    return _fake_loss(image, text.shape[0], backend)
 
 
 @_soft_cross_entropy_backward.register_fake
-def _(grad, image, text, targets, lse, scale, backend):
+def _(grad, image, text, targets, lse, saved, scale, backend):
     return torch.empty_like(image), torch.empty_like(text)
 
 
 def _soft_setup(ctx, inputs, output):
     image, text, targets, scale, backend = inputs
-    ctx.save_for_backward(image, text, targets, output[1])
+    ctx.save_for_backward(image, text, targets, output[1], output[2])
     ctx.scale, ctx.backend = scale, backend
 
 
-def _soft_backward(ctx, grad, _grad_lse):
-    image, text, targets, lse = ctx.saved_tensors
-    d_image, d_text = _soft_cross_entropy_backward(grad, image, text, targets, lse, ctx.scale, ctx.backend)
+def _soft_backward(ctx, grad, _grad_lse, _grad_saved):
+    image, text, targets, lse, saved = ctx.saved_tensors
+    d_image, d_text = _soft_cross_entropy_backward(grad, image, text, targets, lse, saved, ctx.scale, ctx.backend)
     return d_image, d_text, None, None, None
 
 
@@ -123,23 +130,23 @@ _soft_cross_entropy.register_autograd(_soft_backward, setup_context=_soft_setup)
 
 @torch.library.custom_op("promptkit::negprompt_loss", mutates_args=())
 def _negprompt_loss(image: Tensor, pos_text: Tensor, neg_text: Tensor, beta: float, gamma: float,
-                    temperature: float, backend: str) -> tuple[Tensor, Tensor]:
+                    temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     k = kernels(backend)
     C, K, D = neg_text.shape
     unit_image, _ = k.l2norm(image)
     unit_neg, _ = k.l2norm(neg_text.reshape(C * K, D))
     unit_pos, _ = k.l2norm(pos_text)
-    nis_rows, lse = k.xent(unit_image, unit_neg, 1.0 / temperature, XENT_UNIFORM)
+    nis_rows, lse, saved = k.xent(unit_image, unit_neg, 1.0 / temperature, XENT_UNIFORM)
     unit_neg = unit_neg.reshape(C, K, D)
     npd = -(unit_neg * unit_pos[:, None, :]).sum(dim=-1).mean()
     nnd = k.ortho(unit_neg, "mean_cos")
     loss = nis_rows.mean() + beta * npd.to(nis_rows.dtype) + gamma * nnd.to(nis_rows.dtype)
-    return loss.to(image.dtype), lse
+    return loss.to(image.dtype), lse, saved
 
 
 @torch.library.custom_op("promptkit::negprompt_loss_backward", mutates_args=())
 def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_text: Tensor, lse: Tensor,
-                             beta: float, gamma: float, temperature: float,
+                             saved: Tensor, beta: float, gamma: float, temperature: float,
                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     k = kernels(backend)
     C, K, D = neg_text.shape
@@ -149,7 +156,7 @@ def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_
     grad = grad.to(lse.dtype)
     grad_rows = (grad / image.shape[0]).expand(image.shape[0])
     d_image, d_neg = _xent_unit_grads(k, unit_image, unit_neg, 1.0 / temperature, XENT_UNIFORM, None, None, lse,
-                                      grad_rows)
+                                      saved, grad_rows)
     unit_neg3, unit_pos = unit_neg.reshape(C, K, D).to(lse.dtype), unit_pos.to(lse.dtype)
     npd_weight = -grad * beta / (C * K)
     d_neg = (d_neg.reshape(C, K, D) + npd_weight * unit_pos[:, None, :]
@@ -162,23 +169,23 @@ def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_
 
 @_negprompt_loss.register_fake
 def _(image, pos_text, neg_text, beta, gamma, temperature, backend):
-    return _fake_loss(image)
+    return _fake_loss(image, neg_text.shape[0] * neg_text.shape[1], backend)
 
 
 @_negprompt_loss_backward.register_fake
-def _(grad, image, pos_text, neg_text, lse, beta, gamma, temperature, backend):
+def _(grad, image, pos_text, neg_text, lse, saved, beta, gamma, temperature, backend):
     return torch.empty_like(image), torch.empty_like(pos_text), torch.empty_like(neg_text)
 
 
 def _negprompt_setup(ctx, inputs, output):
     image, pos_text, neg_text, beta, gamma, temperature, backend = inputs
-    ctx.save_for_backward(image, pos_text, neg_text, output[1])
+    ctx.save_for_backward(image, pos_text, neg_text, output[1], output[2])
     ctx.args = (beta, gamma, temperature, backend)
 
 
-def _negprompt_backward(ctx, grad, _grad_lse):
-    image, pos_text, neg_text, lse = ctx.saved_tensors
-    grads = _negprompt_loss_backward(grad, image, pos_text, neg_text, lse, *ctx.args)
+def _negprompt_backward(ctx, grad, _grad_lse, _grad_saved):
+    image, pos_text, neg_text, lse, saved = ctx.saved_tensors
+    grads = _negprompt_loss_backward(grad, image, pos_text, neg_text, lse, saved, *ctx.args)
     return *grads, None, None, None, None
 
 
