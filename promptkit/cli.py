@@ -234,7 +234,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from promptkit.methods import load_method
     from promptkit.methods.base import read_metadata
-    from promptkit.pipeline import evaluate, features_of
+    from promptkit.pipeline import evaluate, features_of, versions
 
     meta = read_metadata(args.prompts)
     clip = _clip(args, meta)
@@ -250,8 +250,9 @@ def cmd_eval(args) -> None:
     scores = metrics.pop("scores")
     if not is_main():
         return
-    metrics.update(method=method.name, model=f"{clip.name} ({clip.pretrained})", seed=method.config.__dict__.get(
-        "seed"), data=data.description, prompts=str(args.prompts))
+    metrics.update(method=method.name, model=f"{clip.name} ({clip.pretrained})",
+                   seed=getattr(method.config, "seed", None), data=data.description, prompts=str(args.prompts),
+                   versions=versions())
     print(_write_reports(Path(args.output or args.prompts), metrics, scores, args.plots))
 
 

@@ -12,7 +12,7 @@ from promptkit.ops import available_backends
 from promptkit.ops._backends import compiled_module
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -23,7 +23,7 @@ def report() -> str:
     """A human-readable report of the installation."""
     lines = [f"promptkit {promptkit.__version__}", f"python {platform.python_version()} ({platform.machine()})"]
     for package in ("torch", "open_clip_torch", "triton", "safetensors", "scikit-learn"):
-        lines.append(f"{package} {_version(package)}")
+        lines.append(f"{package} {package_version(package)}")
     module, why = compiled_module()
     if module is None:
         lines.append(f"compiled core: MISSING - {why}")

@@ -197,8 +197,16 @@ def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed:
     scores = metrics.pop("scores")
     metrics.update(method=method_name, model=f"{clip.name} ({clip.pretrained})", seed=seed, shots=shots,
                    data=data.description, seconds=round(time.time() - start, 2),
-                   promptkit_version=promptkit.__version__, config=dataclasses.asdict(method.config))
+                   versions=versions(), config=dataclasses.asdict(method.config))
     return RunResult(method, metrics, scores)
+
+
+def versions() -> dict[str, str]:
+    """Versions of promptkit and the libraries its numbers depend on, for the reports."""
+    from promptkit.info import package_version
+
+    return {"promptkit": promptkit.__version__,
+            **{name: package_version(name) for name in ("torch", "open_clip_torch", "scikit-learn")}}
 
 
 def output_dir(path: str | None, method: str, seed: int) -> Path:

@@ -52,6 +52,7 @@ def test_train_on_embedded_default_writes_the_contract(trained):
         assert all(0 <= block[k] <= 1 for k in ("auroc", "fpr95", "aupr_in", "aupr_out"))
     assert {"auroc", "fpr95"} <= set(metrics["mean"])
     assert metrics["fpr_positive"] == "id"
+    assert metrics["versions"]["promptkit"] and metrics["versions"]["torch"] and metrics["config"]
     assert (out / "prompts.safetensors").is_file() and (out / "prompts.json").is_file()
     assert "| mcm | Mean |" in result.stdout
 
