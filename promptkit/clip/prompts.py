@@ -303,6 +303,39 @@ class PromptLearner(nn.Module):
             return self.encoder.embed(tokens)[0, 1 : 1 + count].float()
 
 
+class ConditionalPromptLearner(nn.Module):
+    """CoCoOp prompts: a shared context shifted, per image, by a meta-net of the image feature.
+
+    ``meta_net`` is Linear(E, E // 16) -> ReLU -> Linear(E // 16, W), as in CoCoOp; its output is added to every
+    context vector, so each image gets its own C prompts. Parameters: the base context ``prompts.ctx`` and the
+    meta-net.
+    """
+
+    def __init__(self, clip: ClipModel, class_names: Sequence[str], n_ctx: int = 4,
+                 ctx_init: str | None = "a photo of a") -> None:
+        super().__init__()
+        self.prompts = PromptLearner(clip, class_names, n_ctx=n_ctx, ctx_init=ctx_init)
+        hidden = max(1, clip.embed_dim // 16)
+        self.meta_net = nn.Sequential(nn.Linear(clip.embed_dim, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, self.prompts.encoder.width)).to(clip.device)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Raw text features [B, C, E] of each image's own class prompts, from image features [B, E]."""
+        base = self.prompts
+        shift = self.meta_net(nn.functional.normalize(image_features.float(), dim=-1))  # [B, W]
+        length = int(base._eot_cpu.max()) + 1 if base.encoder.truncate else base.encoder.context_length
+        prefix, suffix = base.token_prefix, base.token_suffix[:, : length - 1 - base.n_ctx]
+        B, C, W = shift.shape[0], base.n_classes, shift.shape[1]
+        ctx = (base.ctx[0, 0][None] + shift[:, None, :]).to(prefix.dtype)  # [B, n_ctx, W]
+        prompts = torch.cat([
+            prefix[None].expand(B, C, 1, W),
+            ctx[:, None].expand(B, C, base.n_ctx, W),
+            suffix[None].expand(B, C, suffix.shape[1], W),
+        ], dim=2).reshape(B * C, length, W)
+        features = base.encoder(prompts, base.eot_index.repeat(B), length=length)
+        return features.reshape(B, C, -1)
+
+
 def _indices(index: torch.Tensor | Sequence[int] | None, size: int, what: str) -> torch.Tensor | None:
     """Validate an optional 1-D index into ``range(size)``; returned on the CPU (None means all)."""
     if index is None:

@@ -182,3 +182,20 @@ def test_bidirectional_tower_is_never_truncated(tmp_path: Path) -> None:
     assert _max_diff(learner()[0], expected) < 1e-5
     texts = ["a dog", "shirt"]
     assert _max_diff(clip.encode_texts(texts), clip.model.encode_text(clip.tokenizer(texts))) < 1e-5
+
+
+def test_conditional_prompts_shift_the_context_per_image(tiny):
+    from promptkit.clip import ConditionalPromptLearner
+
+    learner = ConditionalPromptLearner(tiny, ["t-shirt", "bag", "ankle boot"], n_ctx=4)
+    images = torch.randn(5, tiny.embed_dim, generator=torch.Generator().manual_seed(0))
+    features = learner(images)
+    assert features.shape == (5, 3, tiny.embed_dim)
+    assert not torch.allclose(features[0], features[1])  # each image has its own prompts
+    features.sum().backward()
+    assert learner.meta_net[0].weight.grad is not None and learner.prompts.ctx.grad is not None
+    # With a meta-net that outputs zero, every image's prompts are the plain CoOp prompts of the same context.
+    torch.nn.init.zeros_(learner.meta_net[-1].weight)
+    torch.nn.init.zeros_(learner.meta_net[-1].bias)
+    plain = learner.prompts()[0]
+    torch.testing.assert_close(learner(images), plain.expand(5, -1, -1), atol=1e-5, rtol=1e-5)

@@ -16,10 +16,11 @@ from ..cli_helpers import run_cli
 
 # A few steps of each method: enough to move every learned tensor, fast on a 2-core CPU.
 QUICK = {
-    "mcm": {},
-    "coop": {"epochs": 2},
-    "lsn": {"pos_epochs": 1, "neg_epochs": 1},
-    "negprompt": {"pos_epochs": 1, "neg_epochs": 2},
+    "mcm": ("mcm", {}),
+    "coop": ("coop", {"epochs": 2}),
+    "lsn": ("lsn", {"pos_epochs": 1, "neg_epochs": 1}),
+    "lsn-cocoop": ("lsn", {"positive": "cocoop", "pos_epochs": 1, "neg_epochs": 1}),
+    "negprompt": ("negprompt", {"pos_epochs": 1, "neg_epochs": 2}),
 }
 
 
@@ -28,12 +29,13 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("feature-cache")
 
 
-@pytest.mark.parametrize("method", list(QUICK))
-def test_train_save_reload_same_scores(method, cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("case", list(QUICK))
+def test_train_save_reload_same_scores(case, cache, tmp_path, monkeypatch):
     monkeypatch.setenv("PROMPTKIT_CACHE", str(cache))
     clip = load_clip()
     options = RunOptions(progress=False)
-    run = train_and_evaluate(method, clip, embedded_datasets(), shots=4, seed=1, overrides=QUICK[method],
+    method, overrides = QUICK[case]
+    run = train_and_evaluate(method, clip, embedded_datasets(), shots=4, seed=1, overrides=overrides,
                              options=options)
     metrics = run.metrics
     assert 0 <= metrics["mean"]["auroc"] <= 1 and 0 <= metrics["mean"]["fpr95"] <= 1
@@ -67,7 +69,7 @@ def test_learning_moves_only_the_prompts(cache, monkeypatch):
     monkeypatch.setenv("PROMPTKIT_CACHE", str(cache))
     clip = load_clip()
     before = {k: v.detach().clone() for k, v in clip.model.state_dict().items()}
-    run = train_and_evaluate("lsn", clip, embedded_datasets(), shots=2, seed=3, overrides=QUICK["lsn"],
+    run = train_and_evaluate("lsn", clip, embedded_datasets(), shots=2, seed=3, overrides=QUICK["lsn"][1],
                              options=RunOptions(progress=False))
     after = clip.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the frozen CLIP changed"
