@@ -14,7 +14,7 @@ def _values_checkable() -> bool:
 
 
 def features(name: str, x: Tensor, ndim: int | tuple[int, ...], dim: int | None = None) -> None:
-    """Check a floating feature tensor: its rank, non-empty sizes, the feature size and finite values."""
+    """Check a floating feature tensor: its rank, non-empty sizes and the feature size (values: see ``finite``)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     ranks = (ndim,) if isinstance(ndim, int) else ndim
@@ -27,9 +27,21 @@ def features(name: str, x: Tensor, ndim: int | tuple[int, ...], dim: int | None 
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); it needs at least one row per class/sample")
     if dim is not None and x.shape[-1] != dim:
         raise ValueError(f"{name} has feature size {x.shape[-1]} but the image features have {dim}")
-    if _values_checkable() and not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+
+
+def finite(result: Tensor, **inputs: Tensor | float | None) -> Tensor:
+    """Return ``result``, or raise a ValueError naming the input that holds NaN or infinite values.
+
+    NaN and inf in the inputs propagate to every op's result, so only the (small) result is scanned on the
+    normal path; the inputs are scanned only to name the culprit.
+    """
+    if not _values_checkable() or bool(torch.isfinite(result).all()):
+        return result
+    for name, x in inputs.items():
+        if isinstance(x, Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} NaN or infinite value(s)")
+    raise ValueError("the result is not finite although every input is; the values overflow the dtype "
+                     "(try float32 or a larger temperature)")
 
 
 def same_device(**tensors: Tensor) -> torch.device:

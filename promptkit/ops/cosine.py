@@ -65,6 +65,8 @@ def cosine_logits(image: Tensor, text: Tensor, scale: float = 1.0, backend: str 
     _checks.same_device(image=image, text=text)
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        return reference.cosine_logits(image, text, scale)
-    flat = _cosine_logits(image, text.reshape(-1, text.shape[-1]), float(scale), backend)
-    return flat.reshape(image.shape[0], *text.shape[:-1])
+        out = reference.cosine_logits(image, text, scale)
+    else:
+        flat = _cosine_logits(image, text.reshape(-1, text.shape[-1]), float(scale), backend)
+        out = flat.reshape(image.shape[0], *text.shape[:-1])
+    return _checks.finite(out, image=image, text=text)

@@ -206,8 +206,10 @@ def lsn_negative_loss(
     _checks.positive("temperature", temperature)
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        return reference.lsn_negative_loss(image, neg_text, labels, temperature)
-    return _lsn_negative_loss(image, neg_text, labels, float(temperature), backend)[0]
+        loss = reference.lsn_negative_loss(image, neg_text, labels, temperature)
+    else:
+        loss = _lsn_negative_loss(image, neg_text, labels, float(temperature), backend)[0]
+    return _checks.finite(loss, image=image, neg_text=neg_text)
 
 
 def negprompt_loss(
@@ -232,8 +234,10 @@ def negprompt_loss(
     _checks.positive("temperature", temperature)
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        return reference.negprompt_loss(image, pos_text, neg_text, beta, gamma, temperature)
-    return _negprompt_loss(image, pos_text, neg_text, float(beta), float(gamma), float(temperature), backend)[0]
+        loss = reference.negprompt_loss(image, pos_text, neg_text, beta, gamma, temperature)
+    else:
+        loss = _negprompt_loss(image, pos_text, neg_text, float(beta), float(gamma), float(temperature), backend)[0]
+    return _checks.finite(loss, image=image, pos_text=pos_text, neg_text=neg_text)
 
 
 def soft_cross_entropy(
@@ -251,5 +255,7 @@ def soft_cross_entropy(
     _checks.same_device(image=image, text=text, targets=targets)
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        return reference.soft_cross_entropy(image, text, targets, scale)
-    return _soft_cross_entropy(image, text, targets, float(scale), backend)[0]
+        loss = reference.soft_cross_entropy(image, text, targets, scale)
+    else:
+        loss = _soft_cross_entropy(image, text, targets, float(scale), backend)[0]
+    return _checks.finite(loss, image=image, text=text, targets=targets)

@@ -29,11 +29,10 @@ def mix_features(a: Tensor, b: Tensor, lam: Tensor | float, backend: str = "auto
     if isinstance(lam, Tensor):
         if lam.shape != (a.shape[0],):
             raise ValueError(f"lam must be a float or a [B={a.shape[0]}] tensor, got shape {tuple(lam.shape)}")
-        if _checks._values_checkable() and not torch.isfinite(lam).all():
-            raise ValueError("lam contains NaN or infinite values")
     backend = _checks.backend_for(backend, a)
     if backend == "torch":
-        return reference.mix_features(a, b, lam)
+        return _checks.finite(reference.mix_features(a, b, lam), a=a, b=b, lam=lam)
     if not isinstance(lam, Tensor):
         lam = torch.full((a.shape[0],), float(lam), dtype=torch.float64, device=a.device)
-    return _mix_features(a.detach(), b.detach(), lam.detach().to(a.device), backend)
+    return _checks.finite(_mix_features(a.detach(), b.detach(), lam.detach().to(a.device), backend), a=a, b=b,
+                          lam=lam)

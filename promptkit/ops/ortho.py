@@ -61,5 +61,7 @@ def orthogonality_loss(prompts: Tensor, mode: str = "abs_sum", backend: str = "a
         raise ValueError(f"mode must be one of {sorted(ORTHO_MODES)}, got {mode!r}")
     backend = _checks.backend_for(backend, prompts)
     if backend == "torch":
-        return reference.orthogonality_loss(prompts, mode)
-    return _orthogonality_loss(prompts, mode, backend)
+        loss = reference.orthogonality_loss(prompts, mode)
+    else:
+        loss = _orthogonality_loss(prompts, mode, backend)
+    return _checks.finite(loss, prompts=prompts)

@@ -85,8 +85,10 @@ def mcm_score(image: Tensor, text: Tensor, temperature: float = 1.0, backend: st
     _check_inputs(image, temperature, text)
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        return reference.mcm_score(image, text, temperature)
-    return _mcm_score(image.detach(), text.detach(), float(temperature), backend)
+        score = reference.mcm_score(image, text, temperature)
+    else:
+        score = _mcm_score(image.detach(), text.detach(), float(temperature), backend)
+    return _checks.finite(score, image=image, text=text)
 
 
 def negprompt_score(
@@ -99,9 +101,11 @@ def negprompt_score(
     _check_inputs(image, temperature, pos_text, neg_text)
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        return reference.negprompt_score(image, pos_text, neg_text, temperature)
-    neg_flat = neg_text.detach().reshape(-1, neg_text.shape[-1])
-    return _negprompt_score(image.detach(), pos_text.detach(), neg_flat, float(temperature), backend)
+        score = reference.negprompt_score(image, pos_text, neg_text, temperature)
+    else:
+        neg_flat = neg_text.detach().reshape(-1, neg_text.shape[-1])
+        score = _negprompt_score(image.detach(), pos_text.detach(), neg_flat, float(temperature), backend)
+    return _checks.finite(score, image=image, pos_text=pos_text, neg_text=neg_text)
 
 
 def lsn_score(
@@ -120,10 +124,12 @@ def lsn_score(
     _checks.positive("neg_temperature", neg_temperature)
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        return reference.lsn_score(image, pos_text, neg_text, temperature, neg_temperature)
-    neg_sets = neg_text.detach().transpose(0, 1).contiguous()  # [K, C, D]: each set is a contiguous segment
-    return _lsn_score(image.detach(), pos_text.detach(), neg_sets, float(temperature), float(neg_temperature),
-                      backend)
+        score = reference.lsn_score(image, pos_text, neg_text, temperature, neg_temperature)
+    else:
+        neg_sets = neg_text.detach().transpose(0, 1).contiguous()  # [K, C, D]: each set is a contiguous segment
+        score = _lsn_score(image.detach(), pos_text.detach(), neg_sets, float(temperature), float(neg_temperature),
+                           backend)
+    return _checks.finite(score, image=image, pos_text=pos_text, neg_text=neg_text)
 
 
 def neglabel_score(
@@ -149,9 +155,12 @@ def neglabel_score(
         raise ValueError(f"groups must be in [1, M={neg_text.shape[0]}], got {groups}")
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        return reference.neglabel_score(image, id_text, neg_text, temperature, groups, seed)
-    if groups > 1:
-        order = reference.neglabel_permutation(neg_text.shape[0], seed).to(neg_text.device)
-        neg_text = neg_text[order[: (neg_text.shape[0] // groups) * groups]]
-    return _neglabel_score(image.detach(), id_text.detach(), neg_text.detach(), float(temperature), int(groups),
-                           backend)
+        score = reference.neglabel_score(image, id_text, neg_text, temperature, groups, seed)
+    else:
+        grouped = neg_text
+        if groups > 1:
+            order = reference.neglabel_permutation(neg_text.shape[0], seed).to(neg_text.device)
+            grouped = neg_text[order[: (neg_text.shape[0] // groups) * groups]]
+        score = _neglabel_score(image.detach(), id_text.detach(), grouped.detach(), float(temperature), int(groups),
+                                backend)
+    return _checks.finite(score, image=image, id_text=id_text, neg_text=neg_text)
