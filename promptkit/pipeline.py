@@ -16,7 +16,7 @@ from promptkit.data.cache import DEFAULT_SHARD_SIZE, extract_features
 from promptkit.data.classnames import class_list
 from promptkit.data.errors import DataError
 from promptkit.data.fewshot import few_shot_indices
-from promptkit.data.sources import EmbeddedSource, ImageSource, embedded_splits, open_source
+from promptkit.data.sources import EmbeddedSource, ImageSource, Subset, embedded_splits, open_source
 from promptkit.data.specs import resolve as resolve_benchmark
 from promptkit.eval.metrics import accuracy, calibrate_threshold
 from promptkit.eval.report import summarize
@@ -94,6 +94,26 @@ def resolve_datasets(train: str | None = None, id: str | None = None, ood: list[
     if train_source is not None and train_source.class_names and len(train_source.class_names) != len(names):
         raise DataError(f"--train has {len(train_source.class_names)} classes but the ID set has {len(names)}")
     return Datasets(names, id_source, ood_sources, train_source, benchmark or str(id))
+
+
+HELDOUT_LIMIT = 10_000  # held-out ID training images that calibrate the decision threshold, at most
+
+
+def split_training(labels: Tensor, shots: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices [M] of the seeded few-shot training images (all labelled ones when shots is 0) and sorted indices of
+    up to ``HELDOUT_LIMIT`` other labelled images, drawn with the same seed, for threshold calibration."""
+    labels = labels.cpu()
+    labelled = labels >= 0
+    chosen = few_shot_indices(labels, shots, seed) if shots > 0 else torch.nonzero(labelled).flatten()
+    if len(chosen) == 0:
+        raise DataError("the training set has no labelled images")
+    rest_mask = labelled.clone()
+    rest_mask[chosen] = False
+    rest = torch.nonzero(rest_mask).flatten()
+    if len(rest) > HELDOUT_LIMIT:
+        order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))
+        rest = rest[order[:HELDOUT_LIMIT]].sort().values
+    return chosen, rest
 
 
 def features_of(clip, source: ImageSource, options: RunOptions) -> tuple[Tensor, Tensor]:
@@ -177,14 +197,13 @@ def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed:
     elif method.trainable or data.train is not None:
         if data.train is None:
             raise ValueError(f"{method_name} learns prompts: give --train DIR|LIST (few-shot ID training images)")
-        feats, labels = features_of(clip, data.train, options)
-        chosen = few_shot_indices(labels.cpu(), shots, seed) if shots > 0 else torch.arange(len(labels))
-        rest = torch.ones(len(labels), dtype=torch.bool)
-        rest[chosen] = False
-        heldout = feats[rest.to(feats.device)] if rest.any() else feats[chosen.to(feats.device)]
-        train_info.update(train_images=len(chosen), heldout_images=int(rest.sum()))
+        # Only the sampled images are encoded: few-shot runs on ImageNet must not extract 1.28M features.
+        chosen, rest = split_training(data.train.labels, shots, seed)
+        feats, labels = features_of(clip, Subset(data.train, chosen), options)
+        heldout = features_of(clip, Subset(data.train, rest), options)[0] if len(rest) else feats
+        train_info.update(train_images=len(chosen), heldout_images=len(rest))
         if method.trainable:
-            method.fit(feats[chosen.to(feats.device)], labels[chosen.to(labels.device)], progress=options.progress)
+            method.fit(feats, labels, progress=options.progress)
     id_features, id_labels = features_of(clip, data.id, options)
     ood_features = {name: features_of(clip, source, options)[0] for name, source in data.ood.items()}
     # The decision threshold comes from ID images the method did not train on (or the ID test set's own
