@@ -60,6 +60,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                        help="unreadable images: skip with a warning and a count (default), or fail naming the file")
     group.add_argument("--fpr-positive", choices=["id", "ood"], default="id",
                        help="FPR95 convention: id (MCM/LSN/NegPrompt tables) or ood (OpenOOD/LAPT)")
+    group.add_argument("--keep-id", type=float, default=0.95,
+                       help="share of held-out ID images the saved decision threshold keeps as ID (default 0.95)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--plots", action="store_true", help="also write score histograms and ROC curves")
 
@@ -148,7 +150,7 @@ def _options(args):
     from promptkit.pipeline import RunOptions
 
     return RunOptions(device=args.device, backend=args.backend, cache_dir=args.cache_dir,
-                      batch_size=args.batch_size, on_bad_image=args.on_bad_image,
+                      batch_size=args.batch_size, on_bad_image=args.on_bad_image, keep_id=args.keep_id,
                       progress=not args.no_progress and sys.stderr.isatty(), positive=args.fpr_positive,
                       shard_size=args.shard_size)
 
