@@ -211,7 +211,7 @@ def _write_reports(directory: Path, metrics: dict, scores: dict | None, plots: b
 def _note_unused_train(args, methods: list[str]) -> None:
     from promptkit.methods import METHODS
 
-    collecting = [m for m in methods if getattr(METHODS.get(m), "collects_training_images", False)]
+    collecting = [m for m in methods if m in METHODS and METHODS[m].collects_training_images]
     if getattr(args, "train", None) and collecting:
         print(f"note: {', '.join(collecting)} collects its training images from --pool; --train is not used by it",
               file=sys.stderr)

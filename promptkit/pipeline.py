@@ -188,9 +188,8 @@ def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed:
     method = make_method(method_name, clip, data.class_names, overrides, seed, options.backend)
     train_info: dict[str, Any] = {"shots": shots, "seed": seed}
     heldout = None
-    if hasattr(method, "mine"):  # mined negative labels (NegLabel, LAPT): word embeddings in the run's cache
-        method.mine(options.cache_dir, options.progress)
-    if getattr(method, "collects_training_images", False):
+    method.mine(options.cache_dir, options.progress)  # NegLabel/LAPT: negative labels, in the run's cache
+    if method.collects_training_images:
         feats, labels, collected = collect_training_features(method, clip, data, options)
         train_info.update(collected)
         method.fit(feats, labels, progress=options.progress)

@@ -36,6 +36,8 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
     trainable: ClassVar[bool] = True
+    # True for methods that learn from images collected for their labels (LAPT), not from --train images.
+    collects_training_images: ClassVar[bool] = False
 
     def __init__(self, clip, class_names: list[str], config: Any = None, backend: str = "auto") -> None:
         if not class_names:
@@ -48,6 +50,10 @@ class Method:
         self.info: dict[str, Any] = {}
 
     # -- learning and scoring -------------------------------------------------------------------------
+
+    def mine(self, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> object:
+        """Prepare what the method derives from the model before training (NegLabel/LAPT: negative labels)."""
+        return None
 
     def fit(self, features: Tensor, labels: Tensor, progress: bool = True) -> "Method":
         """Learn from image features [N, E] with labels [N] (int64, class indices)."""
