@@ -236,7 +236,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from promptkit.methods import load_method
     from promptkit.methods.base import read_metadata
-    from promptkit.pipeline import evaluate, features_of, versions
+    from promptkit.pipeline import evaluate, versions
 
     meta = read_metadata(args.prompts)
     clip = _clip(args, meta)
@@ -245,10 +245,7 @@ def cmd_eval(args) -> None:
     if data.class_names != method.class_names:
         raise ValueError(f"the ID set's classes ({len(data.class_names)}) differ from the prompts' classes "
                          f"({len(method.class_names)}); pass --classes FILE with the training class list")
-    options = _options(args)
-    id_features, id_labels = features_of(clip, data.id, options)
-    ood = {name: features_of(clip, source, options)[0] for name, source in data.ood.items()}
-    metrics = evaluate(method, id_features, id_labels, ood, options.positive)
+    metrics = evaluate(method, clip, data, _options(args))
     scores = metrics.pop("scores")
     if not is_main():
         return
@@ -259,19 +256,17 @@ def cmd_eval(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from promptkit.data.cache import extract_features
     from promptkit.data.sources import open_source
     from promptkit.methods import load_method
     from promptkit.methods.base import read_metadata
+    from promptkit.pipeline import extract
 
     meta = read_metadata(args.prompts)
     clip = _clip(args, meta)
     method = load_method(args.prompts, clip, backend=args.backend)
     source = open_source(args.images)
     options = _options(args)
-    result = extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
-                              cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress,
-                              shard_size=options.shard_size)
+    result = extract(clip, source, options)
     scores, predicted = method.score(result.features.to(options.device))
     if not is_main():
         return
@@ -280,26 +275,20 @@ def cmd_score(args) -> None:
     with atomic_write(out) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "score", "predicted_class", "decision"])
-        for row, index in enumerate(result.kept.tolist()):
-            value = float(scores[row])
-            decision = "ID" if method.threshold is None or value >= method.threshold else "OOD"
-            writer.writerow([source.describe(index), f"{value:.6g}", method.class_names[int(predicted[row])],
-                             decision])
-    flagged = sum(1 for v in scores.tolist() if method.threshold is not None and v < method.threshold)
+        is_id = [method.threshold is None or value >= method.threshold for value in scores.tolist()]
+        for index, value, label, keep in zip(result.kept.tolist(), scores.tolist(), predicted.tolist(), is_id):
+            writer.writerow([source.describe(index), f"{value:.6g}", method.class_names[label],
+                             "ID" if keep else "OOD"])
+    flagged = is_id.count(False)
     print(f"scored {len(result.kept)} images ({len(result.skipped)} unreadable skipped), {flagged} flagged OOD "
           f"at threshold {method.threshold}: {out}")
 
 
 def cmd_extract(args) -> None:
-    from promptkit.data.cache import extract_features
     from promptkit.data.sources import open_source
+    from promptkit.pipeline import extract
 
-    clip = _clip(args)
-    source = open_source(args.images)
-    options = _options(args)
-    result = extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
-                              cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress,
-                              shard_size=options.shard_size)
+    result = extract(_clip(args), open_source(args.images), _options(args))
     if not is_main():
         return
     print(f"{len(result.kept)} image features of size {result.features.shape[1]} cached "

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 import promptkit
-from promptkit.data.cache import DEFAULT_SHARD_SIZE, extract_features
+from promptkit.data.cache import DEFAULT_SHARD_SIZE, Features, extract_features
 from promptkit.data.classnames import class_list
 from promptkit.data.errors import DataError
 from promptkit.data.fewshot import few_shot_indices
@@ -116,11 +116,16 @@ def split_training(labels: Tensor, shots: int, seed: int) -> tuple[Tensor, Tenso
     return chosen, rest
 
 
+def extract(clip, source: ImageSource, options: RunOptions) -> Features:
+    """The features of every readable image of ``source``, through the feature cache, with the run's settings."""
+    return extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
+                            cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress,
+                            shard_size=options.shard_size)
+
+
 def features_of(clip, source: ImageSource, options: RunOptions) -> tuple[Tensor, Tensor]:
     """Image features [N, E] (fp32, on options.device) and labels [N] of a source, through the feature cache."""
-    result = extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
-                              cache_dir=options.cache_dir, on_error=options.on_bad_image,
-                              progress=options.progress, shard_size=options.shard_size)
+    result = extract(clip, source, options)
     return result.features.to(options.device), result.labels.to(options.device)
 
 
@@ -140,12 +145,13 @@ def make_method(name: str, clip, class_names: list[str], overrides: dict[str, An
     return cls(clip, class_names, config, backend=backend)
 
 
-def evaluate(method: Method, id_features: Tensor, id_labels: Tensor, ood_features: dict[str, Tensor],
-             positive: str = "id") -> dict[str, Any]:
-    """Scores and metrics of a fitted method: ID accuracy, per-OOD-set and mean AUROC/FPR95/AUPR."""
+def evaluate(method: Method, clip, data: Datasets, options: RunOptions) -> dict[str, Any]:
+    """Scores and metrics of a fitted method on the ID test set and each OOD set: ID accuracy, per-OOD-set and
+    mean AUROC/FPR95/AUPR, and the raw scores under "scores"."""
+    id_features, id_labels = features_of(clip, data.id, options)
     id_scores, predicted = method.score(id_features)
-    ood_scores = {name: method.score(feats)[0] for name, feats in ood_features.items()}
-    results = summarize(id_scores, ood_scores, positive=positive)
+    ood_scores = {name: method.score(features_of(clip, source, options)[0])[0] for name, source in data.ood.items()}
+    results = summarize(id_scores, ood_scores, positive=options.positive)
     labelled = id_labels >= 0
     results["id_accuracy"] = accuracy(predicted[labelled], id_labels[labelled]) if labelled.any() else None
     results["scores"] = {"id": id_scores, **ood_scores}
@@ -203,16 +209,14 @@ def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed:
         train_info.update(train_images=len(chosen), heldout_images=len(rest))
         if method.trainable:
             method.fit(feats, labels, progress=options.progress)
-    id_features, id_labels = features_of(clip, data.id, options)
-    ood_features = {name: features_of(clip, source, options)[0] for name, source in data.ood.items()}
+    metrics = evaluate(method, clip, data, options)  # the threshold below does not enter the metrics
+    scores = metrics.pop("scores")
     # The decision threshold comes from ID images the method did not train on (or the ID test set's own
-    # scores for zero-shot runs without training data, which the metadata then says).
-    calibration = heldout if heldout is not None else id_features
-    method.threshold = calibrate_threshold(method.score(calibration)[0], keep=options.keep_id)
+    # scores for runs without training images, which the metadata then says).
+    calibration = method.score(heldout)[0] if heldout is not None else scores["id"]
+    method.threshold = calibrate_threshold(calibration, keep=options.keep_id)
     train_info["threshold_from"] = "held-out ID training images" if heldout is not None else "ID test images"
     method.info.update(train=train_info)
-    metrics = evaluate(method, id_features, id_labels, ood_features, options.positive)
-    scores = metrics.pop("scores")
     metrics.update(method=method_name, model=f"{clip.name} ({clip.pretrained})", seed=seed, shots=shots,
                    data=data.description, seconds=round(time.time() - start, 2),
                    versions=versions(), config=dataclasses.asdict(method.config))
