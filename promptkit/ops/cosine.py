@@ -24,20 +24,22 @@ def _(image, text, scale, backend):
 
 @torch.library.custom_op("promptkit::cosine_logits_backward", mutates_args=())
 def _cosine_logits_backward(
-    grad: Tensor, image: Tensor, text: Tensor, scale: float, backend: str
+    grad: Tensor, image: Tensor, text: Tensor, scale: float, need_image: bool, need_text: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     k = kernels(backend)
     unit_image, inv_image = k.l2norm(image)
     unit_text, inv_text = k.l2norm(text)
     grad = grad.to(unit_image.dtype) * scale
-    d_image = k.l2norm_backward(grad @ unit_text, unit_image, inv_image)
-    d_text = k.l2norm_backward(grad.T @ unit_image, unit_text, inv_text)
-    return d_image.to(image.dtype), d_text.to(text.dtype)
+    # An input that needs no gradient gets an empty tensor (custom ops cannot return None) and costs no product.
+    d_image = k.l2norm_backward(grad @ unit_text, unit_image, inv_image).to(image.dtype) if need_image else None
+    d_text = k.l2norm_backward(grad.T @ unit_image, unit_text, inv_text).to(text.dtype) if need_text else None
+    return (image.new_empty(0) if d_image is None else d_image, text.new_empty(0) if d_text is None else d_text)
 
 
 @_cosine_logits_backward.register_fake
-def _(grad, image, text, scale, backend):
-    return torch.empty_like(image), torch.empty_like(text)
+def _(grad, image, text, scale, need_image, need_text, backend):
+    return (torch.empty_like(image) if need_image else image.new_empty(0),
+            torch.empty_like(text) if need_text else text.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
@@ -48,8 +50,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     image, text = ctx.saved_tensors
-    d_image, d_text = _cosine_logits_backward(grad.contiguous(), image, text, ctx.scale, ctx.backend)
-    return d_image, d_text, None, None
+    need_image, need_text = ctx.needs_input_grad[:2]
+    d_image, d_text = _cosine_logits_backward(grad.contiguous(), image, text, ctx.scale, need_image, need_text,
+                                              ctx.backend)
+    return d_image if need_image else None, d_text if need_text else None, None, None
 
 
 _cosine_logits.register_autograd(_backward, setup_context=_setup)

@@ -15,29 +15,18 @@ from promptkit.ops import _checks, reference
 from promptkit.ops._kernels import XENT_DENSE, XENT_INDEX, XENT_UNIFORM, acc_dtype, kernels, saved_shape
 
 
-def _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, saved, grad_rows):
-    """Gradients of sum_b grad_rows[b] * loss_b with respect to the unit image and text rows."""
+def _no_grad(like: Tensor) -> Tensor:
+    """What a backward op returns for an input that needs no gradient (custom ops cannot return None)."""
+    return like.new_empty(0)
+
+
+def _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, saved, grad_rows, need_image,
+                     need_text):
+    """Gradients of sum_b grad_rows[b] * loss_b with respect to the unit image and text rows (None where not
+    needed: each is one [B, N] x [N or B, D] product, the cost of the backward)."""
     dcos = k.xent_backward(unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows, saved)
-    return dcos @ unit_text.to(dcos.dtype), dcos.T @ unit_image.to(dcos.dtype)
-
-
-def _xent_loss(image, text, scale, kind, labels, targets, backend):
-    k = kernels(backend)
-    unit_image, _ = k.l2norm(image)
-    unit_text, _ = k.l2norm(text)
-    rows, lse, saved = k.xent(unit_image, unit_text, scale, kind, labels, targets)
-    return rows.mean().to(image.dtype), lse, saved
-
-
-def _xent_input_grads(grad, image, text, scale, kind, labels, targets, lse, saved, backend):
-    k = kernels(backend)
-    unit_image, inv_image = k.l2norm(image)
-    unit_text, inv_text = k.l2norm(text)
-    grad_rows = (grad / image.shape[0]).to(lse.dtype).expand(image.shape[0])
-    d_image, d_text = _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, saved,
-                                       grad_rows)
-    return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype),
-            k.l2norm_backward(d_text, unit_text, inv_text).to(text.dtype))
+    return (dcos @ unit_text.to(dcos.dtype) if need_image else None,
+            dcos.T @ unit_image.to(dcos.dtype) if need_text else None)
 
 
 def _fake_loss(image: Tensor, columns: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -46,84 +35,61 @@ def _fake_loss(image: Tensor, columns: int, backend: str) -> tuple[Tensor, Tenso
             image.new_empty(saved_shape(backend, image.shape[0], columns), dtype=acc))
 
 
-# LSN negative loss: cross-entropy on (1 - cos) / T == -cos / T up to a per-row constant.
+# Cross-entropy over one text set: the LSN negative loss (index targets) and LAPT's soft cross-entropy (dense).
+# Returns (loss, per-row logsumexp, saved) so that the backward can rebuild the gradient without the
+# probabilities.
 
-@torch.library.custom_op("promptkit::lsn_negative_loss", mutates_args=())
-def _lsn_negative_loss(image: Tensor, neg_text: Tensor, labels: Tensor, temperature: float,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _xent_loss(image, neg_text, -1.0 / temperature, XENT_INDEX, labels, None, backend)
-
-
-@torch.library.custom_op("promptkit::lsn_negative_loss_backward", mutates_args=())
-def _lsn_negative_loss_backward(grad: Tensor, image: Tensor, neg_text: Tensor, labels: Tensor, lse: Tensor,
-                                saved: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _xent_input_grads(grad, image, neg_text, -1.0 / temperature, XENT_INDEX, labels, None, lse, saved,
-                             backend)
-
-
-@_lsn_negative_loss.register_fake
-def _(image, neg_text, labels, temperature, backend):
-    return _fake_loss(image, neg_text.shape[0], backend)
+@torch.library.custom_op("promptkit::xent_loss", mutates_args=())
+def _xent_loss(image: Tensor, text: Tensor, scale: float, kind: int, labels: Tensor | None,
+               targets: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    k = kernels(backend)
+    unit_image, _ = k.l2norm(image)
+    unit_text, _ = k.l2norm(text)
+    rows, lse, saved = k.xent(unit_image, unit_text, scale, kind, labels, targets)
+    return rows.mean().to(image.dtype), lse, saved
 
 
-@_lsn_negative_loss_backward.register_fake
-def _(grad, image, neg_text, labels, lse, saved, temperature, backend):
-    return torch.empty_like(image), torch.empty_like(neg_text)
+@torch.library.custom_op("promptkit::xent_loss_backward", mutates_args=())
+def _xent_loss_backward(grad: Tensor, image: Tensor, text: Tensor, scale: float, kind: int, labels: Tensor | None,
+                        targets: Tensor | None, lse: Tensor, saved: Tensor, need_image: bool, need_text: bool,
+                        backend: str) -> tuple[Tensor, Tensor]:
+    k = kernels(backend)
+    unit_image, inv_image = k.l2norm(image)
+    unit_text, inv_text = k.l2norm(text)
+    grad_rows = (grad / image.shape[0]).to(lse.dtype).expand(image.shape[0])
+    d_image, d_text = _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, saved,
+                                       grad_rows, need_image, need_text)
+    return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype) if need_image else _no_grad(image),
+            k.l2norm_backward(d_text, unit_text, inv_text).to(text.dtype) if need_text else _no_grad(text))
 
 
-def _lsn_setup(ctx, inputs, output):
-    image, neg_text, labels, temperature, backend = inputs
-    ctx.save_for_backward(image, neg_text, labels, output[1], output[2])
-    ctx.temperature, ctx.backend = temperature, backend
-
-
-def _lsn_backward(ctx, grad, _grad_lse, _grad_saved):
-    image, neg_text, labels, lse, saved = ctx.saved_tensors
-    d_image, d_text = _lsn_negative_loss_backward(grad, image, neg_text, labels, lse, saved, ctx.temperature,
-                                                  ctx.backend)
-    return d_image, d_text, None, None, None
-
-
-_lsn_negative_loss.register_autograd(_lsn_backward, setup_context=_lsn_setup)
-
-
-# Soft cross-entropy (LAPT): dense targets over all N labels.
-
-@torch.library.custom_op("promptkit::soft_cross_entropy", mutates_args=())
-def _soft_cross_entropy(image: Tensor, text: Tensor, targets: Tensor, scale: float,
-                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _xent_loss(image, text, scale, XENT_DENSE, None, targets, backend)
-
-
-@torch.library.custom_op("promptkit::soft_cross_entropy_backward", mutates_args=())
-def _soft_cross_entropy_backward(grad: Tensor, image: Tensor, text: Tensor, targets: Tensor, lse: Tensor,
-                                 saved: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _xent_input_grads(grad, image, text, scale, XENT_DENSE, None, targets, lse, saved, backend)
-
-
-@_soft_cross_entropy.register_fake
-def _(image, text, targets, scale, backend):
+@_xent_loss.register_fake
+def _(image, text, scale, kind, labels, targets, backend):
     return _fake_loss(image, text.shape[0], backend)
 
 
-@_soft_cross_entropy_backward.register_fake
-def _(grad, image, text, targets, lse, saved, scale, backend):
-    return torch.empty_like(image), torch.empty_like(text)
+@_xent_loss_backward.register_fake
+def _(grad, image, text, scale, kind, labels, targets, lse, saved, need_image, need_text, backend):
+    return (torch.empty_like(image) if need_image else _no_grad(image),
+            torch.empty_like(text) if need_text else _no_grad(text))
 
 
-def _soft_setup(ctx, inputs, output):
-    image, text, targets, scale, backend = inputs
-    ctx.save_for_backward(image, text, targets, output[1], output[2])
-    ctx.scale, ctx.backend = scale, backend
+def _xent_setup(ctx, inputs, output):
+    image, text, scale, kind, labels, targets, backend = inputs
+    ctx.save_for_backward(image, text, labels, targets, output[1], output[2])
+    ctx.args = (scale, kind, backend)
 
 
-def _soft_backward(ctx, grad, _grad_lse, _grad_saved):
-    image, text, targets, lse, saved = ctx.saved_tensors
-    d_image, d_text = _soft_cross_entropy_backward(grad, image, text, targets, lse, saved, ctx.scale, ctx.backend)
-    return d_image, d_text, None, None, None
+def _xent_backward(ctx, grad, _grad_lse, _grad_saved):
+    image, text, labels, targets, lse, saved = ctx.saved_tensors
+    scale, kind, backend = ctx.args
+    need_image, need_text = ctx.needs_input_grad[:2]
+    d_image, d_text = _xent_loss_backward(grad, image, text, scale, kind, labels, targets, lse, saved, need_image,
+                                          need_text, backend)
+    return d_image if need_image else None, d_text if need_text else None, None, None, None, None, None
 
 
-_soft_cross_entropy.register_autograd(_soft_backward, setup_context=_soft_setup)
+_xent_loss.register_autograd(_xent_backward, setup_context=_xent_setup)
 
 
 # NegPrompt: L_NIS (uniform target over the negatives) + beta * L_NPD + gamma * L_NND.
@@ -146,7 +112,7 @@ def _negprompt_loss(image: Tensor, pos_text: Tensor, neg_text: Tensor, beta: flo
 
 @torch.library.custom_op("promptkit::negprompt_loss_backward", mutates_args=())
 def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_text: Tensor, lse: Tensor,
-                             saved: Tensor, beta: float, gamma: float, temperature: float,
+                             saved: Tensor, beta: float, gamma: float, temperature: float, need_image: bool,
                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     k = kernels(backend)
     C, K, D = neg_text.shape
@@ -156,13 +122,13 @@ def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_
     grad = grad.to(lse.dtype)
     grad_rows = (grad / image.shape[0]).expand(image.shape[0])
     d_image, d_neg = _xent_unit_grads(k, unit_image, unit_neg, 1.0 / temperature, XENT_UNIFORM, None, None, lse,
-                                      saved, grad_rows)
+                                      saved, grad_rows, need_image, True)
     unit_neg3, unit_pos = unit_neg.reshape(C, K, D).to(lse.dtype), unit_pos.to(lse.dtype)
     npd_weight = -grad * beta / (C * K)
     d_neg = (d_neg.reshape(C, K, D) + npd_weight * unit_pos[:, None, :]
              + grad * gamma * k.ortho_backward(unit_neg.reshape(C, K, D), "mean_cos", 1.0))
     d_pos = npd_weight * unit_neg3.sum(dim=1)
-    return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype),
+    return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype) if need_image else _no_grad(image),
             k.l2norm_backward(d_pos, unit_pos, inv_pos).to(pos_text.dtype),
             k.l2norm_backward(d_neg.reshape(C * K, D), unit_neg, inv_neg).reshape(C, K, D).to(neg_text.dtype))
 
@@ -173,8 +139,9 @@ def _(image, pos_text, neg_text, beta, gamma, temperature, backend):
 
 
 @_negprompt_loss_backward.register_fake
-def _(grad, image, pos_text, neg_text, lse, saved, beta, gamma, temperature, backend):
-    return torch.empty_like(image), torch.empty_like(pos_text), torch.empty_like(neg_text)
+def _(grad, image, pos_text, neg_text, lse, saved, beta, gamma, temperature, need_image, backend):
+    return (torch.empty_like(image) if need_image else _no_grad(image), torch.empty_like(pos_text),
+            torch.empty_like(neg_text))
 
 
 def _negprompt_setup(ctx, inputs, output):
@@ -185,8 +152,11 @@ def _negprompt_setup(ctx, inputs, output):
 
 def _negprompt_backward(ctx, grad, _grad_lse, _grad_saved):
     image, pos_text, neg_text, lse, saved = ctx.saved_tensors
-    grads = _negprompt_loss_backward(grad, image, pos_text, neg_text, lse, saved, *ctx.args)
-    return *grads, None, None, None, None
+    beta, gamma, temperature, backend = ctx.args
+    need_image = ctx.needs_input_grad[0]
+    d_image, d_pos, d_neg = _negprompt_loss_backward(grad, image, pos_text, neg_text, lse, saved, beta, gamma,
+                                                     temperature, need_image, backend)
+    return d_image if need_image else None, d_pos, d_neg, None, None, None, None
 
 
 _negprompt_loss.register_autograd(_negprompt_backward, setup_context=_negprompt_setup)
@@ -208,7 +178,8 @@ def lsn_negative_loss(
     if backend == "torch":
         loss = reference.lsn_negative_loss(image, neg_text, labels, temperature)
     else:
-        loss = _lsn_negative_loss(image, neg_text, labels, float(temperature), backend)[0]
+        # (1 - cos) / T is -cos / T up to a per-row constant, which the cross-entropy ignores.
+        loss = _xent_loss(image, neg_text, -1.0 / temperature, XENT_INDEX, labels, None, backend)[0]
     return _checks.finite(loss, image=image, neg_text=neg_text)
 
 
@@ -257,5 +228,5 @@ def soft_cross_entropy(
     if backend == "torch":
         loss = reference.soft_cross_entropy(image, text, targets, scale)
     else:
-        loss = _soft_cross_entropy(image, text, targets, float(scale), backend)[0]
+        loss = _xent_loss(image, text, float(scale), XENT_DENSE, None, targets, backend)[0]
     return _checks.finite(loss, image=image, text=text, targets=targets)
