@@ -58,7 +58,7 @@ def run_benchmark(benchmark, fn, inputs, backward: bool):
         synchronize()
 
     once()  # compile / autotune outside the timing
-    benchmark.pedantic(once, rounds=3 if QUICK else 10, warmup_rounds=1 if not QUICK else 0, iterations=1)
+    benchmark.pedantic(once, rounds=3 if QUICK else 20, warmup_rounds=1 if not QUICK else 0, iterations=1)
 
 
 @pytest.fixture

@@ -1,0 +1,25 @@
+"""benchmarks/ratios.py: the speed-up table is read off the right statistic of each implementation."""
+
+import importlib.util
+from pathlib import Path
+
+
+def _ratios():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ratios.py"
+    spec = importlib.util.spec_from_file_location("ratios", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench(impl: str, median: float, minimum: float) -> dict:
+    return {"group": "op fwd B=8", "name": f"test_op[8-fwd-{impl}]", "stats": {"median": median, "min": minimum}}
+
+
+def test_table_ratios_use_the_chosen_statistic():
+    data = {"benchmarks": [_bench("eager", 0.030, 0.020), _bench("compile", 0.020, 0.010), _bench("cpp", 0.010, 0.010)]}
+    ratios = _ratios()
+    median_row = ratios.table(data, "median").splitlines()[2]
+    min_row = ratios.table(data, "min").splitlines()[2]
+    assert median_row == "| op fwd B=8 | 30.00 ms | 20.00 ms | 10.00 ms | 3.00x | 2.00x |"
+    assert min_row == "| op fwd B=8 | 20.00 ms | 10.00 ms | 10.00 ms | 2.00x | 1.00x |"
