@@ -2,7 +2,9 @@
 
 Every backend offers the same primitives with the same semantics (``csrc/`` and ``kernels/`` document them):
 
-- ``l2norm(x) -> (unit rows, 1 / norms)`` and ``l2norm_backward``;
+- ``l2norm(x, overwrite=False) -> (unit rows, 1 / norms)`` and ``l2norm_backward``; ``overwrite=True`` says x
+  is a temporary of the caller's, which a backend may normalise in place (the cpp backend does: on a CPU each
+  pass over a [N, D] text matrix costs memory traffic);
 - ``cosine(img, txt, scale) -> [B, N]`` on unit rows;
 - ``segment_stats(img, txt, offsets, scales) -> (max, min, logsumexp)`` of scale_s * cos over column segments;
 - ``xent(img, txt, scale, kind, labels, targets) -> (loss rows, logsumexp rows, saved)`` and
@@ -49,6 +51,7 @@ class _Compiled:
     """Shared pointer plumbing of the C++ (CPU) and CUDA backends of ``promptkit._C``."""
 
     suffix = ""
+    normalises_in_place = False  # the CUDA kernels declare x and y __restrict__
 
     def __init__(self) -> None:
         module, why = compiled_module()
@@ -65,10 +68,12 @@ class _Compiled:
     def _prep(self, t: Tensor) -> Tensor:
         return t.contiguous()
 
-    def l2norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def l2norm(self, x: Tensor, overwrite: bool = False) -> tuple[Tensor, Tensor]:
         x = self._prep(x)
         acc = acc_dtype(x.dtype)  # the kernels write their outputs in the accumulation dtype
-        y, inv = torch.empty(x.shape, dtype=acc, device=x.device), x.new_empty(x.shape[0], dtype=acc)
+        in_place = overwrite and self.normalises_in_place and x.dtype == acc
+        y = x if in_place else torch.empty(x.shape, dtype=acc, device=x.device)
+        inv = x.new_empty(x.shape[0], dtype=acc)
         self._fn("l2norm_fwd")(x.data_ptr(), x.shape[0], x.shape[1], EPS, y.data_ptr(), inv.data_ptr(),
                                _DTYPE_CODES[x.dtype], *self._extra(x))
         return y, inv
@@ -114,6 +119,7 @@ class CppKernels(_Compiled):
     """C++/OpenMP kernels on CPU tensors (fp32, fp64; fp16/bf16 are computed in fp32)."""
 
     suffix = "cpu"
+    normalises_in_place = True  # each row's norm is taken before the row is written
 
     def _prep(self, t: Tensor) -> Tensor:
         if t.dtype in (torch.float16, torch.bfloat16):
@@ -213,7 +219,7 @@ class TritonKernels:
             raise RuntimeError(why)
         self.K = module
 
-    def l2norm(self, x):
+    def l2norm(self, x, overwrite=False):
         return self.K.l2norm_fwd(x.contiguous(), EPS)
 
     def l2norm_backward(self, dy, y, inv):

@@ -14,10 +14,11 @@ from promptkit.ops import _checks, reference
 from promptkit.ops._kernels import kernels
 
 
-def _stats(image: Tensor, text: Tensor, offsets: list[int], scales: list[float], backend: str):
+def _stats(image: Tensor, texts: list[Tensor], offsets: list[int], scales: list[float], backend: str):
+    """Segment statistics of image [B, D] against the rows of ``texts`` ([n_i, D] each) stacked in order."""
     k = kernels(backend)
     unit_image, _ = k.l2norm(image)
-    unit_text, _ = k.l2norm(text)
+    unit_text, _ = k.l2norm(torch.cat(texts), overwrite=True)  # one copy of the text rows, normalised in place
     return k.segment_stats(unit_image, unit_text, offsets, scales)
 
 
@@ -27,25 +28,26 @@ def _rows(image: Tensor) -> Tensor:
 
 @torch.library.custom_op("promptkit::mcm_score", mutates_args=())
 def _mcm_score(image: Tensor, text: Tensor, temperature: float, backend: str) -> Tensor:
-    top, _, lse = _stats(image, text, [0, text.shape[0]], [1.0 / temperature], backend)
+    top, _, lse = _stats(image, [text], [0, text.shape[0]], [1.0 / temperature], backend)
     return torch.exp(top[:, 0] - lse[:, 0]).to(image.dtype)
 
 
 @torch.library.custom_op("promptkit::negprompt_score", mutates_args=())
 def _negprompt_score(image: Tensor, pos_text: Tensor, neg_text: Tensor, temperature: float, backend: str) -> Tensor:
     C, N = pos_text.shape[0], pos_text.shape[0] + neg_text.shape[0]
-    top, _, lse = _stats(image, torch.cat([pos_text, neg_text]), [0, C, N], [1.0 / temperature] * 2, backend)
+    top, _, lse = _stats(image, [pos_text, neg_text], [0, C, N], [1.0 / temperature] * 2, backend)
     return torch.exp(top[:, 0] - torch.logaddexp(lse[:, 0], lse[:, 1])).to(image.dtype)
 
 
 @torch.library.custom_op("promptkit::lsn_score", mutates_args=())
 def _lsn_score(
-    image: Tensor, pos_text: Tensor, neg_sets: Tensor, temperature: float, neg_temperature: float, backend: str
+    image: Tensor, pos_text: Tensor, neg_text: Tensor, temperature: float, neg_temperature: float, backend: str
 ) -> Tensor:
-    K, C, D = neg_sets.shape
+    C, K, _ = neg_text.shape
     offsets = [s * C for s in range(K + 2)]
     scales = [1.0 / temperature] + [1.0 / neg_temperature] * K
-    top, bottom, lse = _stats(image, torch.cat([pos_text, neg_sets.reshape(K * C, D)]), offsets, scales, backend)
+    # Segments: the positives, then each negative set k (neg_text[:, k]) as contiguous columns.
+    top, bottom, lse = _stats(image, [pos_text, *neg_text.unbind(1)], offsets, scales, backend)
     mcm = torch.exp(top[:, 0] - lse[:, 0])
     min_cm = torch.exp(bottom[:, 1:] - lse[:, 1:]).mean(dim=1)
     return (mcm - min_cm).to(image.dtype)
@@ -56,7 +58,7 @@ def _neglabel_score(image: Tensor, id_text: Tensor, grouped_neg: Tensor, tempera
                     backend: str) -> Tensor:
     C, per_group = id_text.shape[0], grouped_neg.shape[0] // groups
     offsets = [0] + [C + g * per_group for g in range(groups + 1)]
-    _, _, lse = _stats(image, torch.cat([id_text, grouped_neg]), offsets, [1.0 / temperature] * (groups + 1), backend)
+    _, _, lse = _stats(image, [id_text, grouped_neg], offsets, [1.0 / temperature] * (groups + 1), backend)
     id_lse = lse[:, :1]
     return torch.exp(id_lse - torch.logaddexp(id_lse, lse[:, 1:])).mean(dim=1).to(image.dtype)
 
@@ -126,9 +128,8 @@ def lsn_score(
     if backend == "torch":
         score = reference.lsn_score(image, pos_text, neg_text, temperature, neg_temperature)
     else:
-        neg_sets = neg_text.detach().transpose(0, 1).contiguous()  # [K, C, D]: each set is a contiguous segment
-        score = _lsn_score(image.detach(), pos_text.detach(), neg_sets, float(temperature), float(neg_temperature),
-                           backend)
+        score = _lsn_score(image.detach(), pos_text.detach(), neg_text.detach(), float(temperature),
+                           float(neg_temperature), backend)
     return _checks.finite(score, image=image, pos_text=pos_text, neg_text=neg_text)
 
 
