@@ -18,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # The realistic sizes: C = 1000 classes, K = 3 negatives per class, M = 10000 negative labels, D = 512.
 C, K, M, D = (20, 3, 200, 64) if QUICK else (1000, 3, 10000, 512)
-BATCHES = [16] if QUICK else ([1024, 4096] if DEVICE == "cuda" else [1024])
+BATCHES = [16] if QUICK else [1024, 4096]
 # The quick smoke run leaves out torch.compile: compiling every op takes minutes on a small CPU, and
 # tests/ops/test_compile.py already checks that the ops compile.
 IMPLEMENTATIONS = ["eager"] + ([] if QUICK else ["compile"]) + (["triton", "cuda"] if DEVICE == "cuda" else ["cpp"])

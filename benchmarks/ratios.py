@@ -1,17 +1,19 @@
-"""Turn a pytest-benchmark JSON into the speed-up table of benchmarks/README.md.
+"""Turn pytest-benchmark JSONs into the speed-up table of benchmarks/README.md.
 
     pytest --benchmark-only benchmarks/ --benchmark-json=bench.json
-    python benchmarks/ratios.py bench.json [--stat median|min]
+    python benchmarks/ratios.py bench.json [more.json ...] [--stat median|min]
 
 Each row is one benchmark group (op, pass, size); each backend's cell is its median (or minimum) time and its
 speed-up over eager torch and over torch.compile of the same reference (x > 1: faster). On a shared machine the
-minimum is the steadier statistic: other tenants only ever add time.
+minimum is the steadier statistic: other tenants only ever add time. Given several runs, a cell is the minimum
+over all of them (--stat min) or the median of the runs' medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
 
 
@@ -20,10 +22,13 @@ def _impl(name: str) -> str:
     return name.rsplit("-", 1)[-1].rstrip("]")
 
 
-def table(data: dict, stat: str = "median") -> str:
-    groups: dict[str, dict[str, float]] = defaultdict(dict)
-    for bench in data["benchmarks"]:
-        groups[bench["group"]][_impl(bench["name"])] = bench["stats"][stat]
+def table(runs: list[dict], stat: str = "median") -> str:
+    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for data in runs:
+        for bench in data["benchmarks"]:
+            samples[bench["group"]][_impl(bench["name"])].append(bench["stats"][stat])
+    combine = min if stat == "min" else statistics.median
+    groups = {group: {impl: combine(times) for impl, times in impls.items()} for group, impls in samples.items()}
     impls = [i for i in ("cpp", "triton", "cuda") if any(i in g for g in groups.values())]
     header = "| op (pass, size) | eager | compile | " + " | ".join(
         f"{i} | {i} vs eager | {i} vs compile" for i in impls) + " |"
@@ -35,10 +40,11 @@ def table(data: dict, stat: str = "median") -> str:
             t = times.get(impl)
             row += [_ms(t), _ratio(times.get("eager"), t), _ratio(times.get("compile"), t)]
         lines.append("| " + " | ".join(row) + " |")
-    machine = data.get("machine_info", {})
+    machine = runs[0].get("machine_info", {})
     lines.append("")
     lines.append(f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
-                 f"{data.get('datetime', '')}; {stat} of the timed rounds.")
+                 f"{', '.join(data.get('datetime', '') for data in runs)}; {stat} of the timed rounds"
+                 f"{f' over {len(runs)} runs' if len(runs) > 1 else ''}.")
     return "\n".join(lines)
 
 
@@ -52,8 +58,11 @@ def _ratio(reference: float | None, t: float | None) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="speed-up table of a pytest-benchmark JSON")
-    parser.add_argument("json", help="the file --benchmark-json wrote")
+    parser.add_argument("json", nargs="+", help="files --benchmark-json wrote (runs of the same suite)")
     parser.add_argument("--stat", choices=["median", "min"], default="median")
     args = parser.parse_args()
-    with open(args.json) as handle:
-        print(table(json.load(handle), args.stat))
+    runs = []
+    for path in args.json:
+        with open(path) as handle:
+            runs.append(json.load(handle))
+    print(table(runs, args.stat))

@@ -19,7 +19,17 @@ def _bench(impl: str, median: float, minimum: float) -> dict:
 def test_table_ratios_use_the_chosen_statistic():
     data = {"benchmarks": [_bench("eager", 0.030, 0.020), _bench("compile", 0.020, 0.010), _bench("cpp", 0.010, 0.010)]}
     ratios = _ratios()
-    median_row = ratios.table(data, "median").splitlines()[2]
-    min_row = ratios.table(data, "min").splitlines()[2]
+    median_row = ratios.table([data], "median").splitlines()[2]
+    min_row = ratios.table([data], "min").splitlines()[2]
     assert median_row == "| op fwd B=8 | 30.00 ms | 20.00 ms | 10.00 ms | 3.00x | 2.00x |"
     assert min_row == "| op fwd B=8 | 20.00 ms | 10.00 ms | 10.00 ms | 2.00x | 1.00x |"
+
+
+def test_several_runs_combine_per_cell():
+    runs = [{"benchmarks": [_bench("eager", 0.030, 0.020), _bench("cpp", 0.010, 0.008)]},
+            {"benchmarks": [_bench("eager", 0.040, 0.016), _bench("cpp", 0.020, 0.012)]},
+            {"benchmarks": [_bench("eager", 0.050, 0.030), _bench("cpp", 0.030, 0.009)]}]
+    ratios = _ratios()
+    # min: the best round of any run (16 ms, 8 ms); median: the median of the runs' medians (40 ms, 20 ms).
+    assert ratios.table(runs, "min").splitlines()[2] == "| op fwd B=8 | 16.00 ms | - | 8.00 ms | 2.00x | - |"
+    assert ratios.table(runs, "median").splitlines()[2] == "| op fwd B=8 | 40.00 ms | - | 20.00 ms | 2.00x | - |"
