@@ -1,6 +1,7 @@
 """The raw CUDA bindings of promptkit._C on a GPU, against plain torch formulas.
 
-Collected only where a CUDA build and a GPU exist (tests/ops/conftest.py); ``pytest`` reports it in its header.
+Collected only where a GPU exists (tests/ops/conftest.py; a build without CUDA then fails, as it should);
+``pytest`` reports it in its header.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from .test_build import (XENT_DENSE, XENT_INDEX, XENT_UNIFORM, check, ortho_orac
 
 # ---------------------------------------------------------------- CUDA bindings
 
-CUDA_BUILT = _C.build_info()["cuda"]
-GPU = torch.cuda.is_available()
 GPU_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 CUDA_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 # (B, N, D): singletons, then sizes that leave partial row tiles (32), column tiles (64) and feature slices (32).

@@ -73,6 +73,16 @@ def test_neglabel_permutation_is_seeded_and_device_independent():
     assert sorted(first.tolist()) == list(range(50))
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_neglabel_many_groups_match_reference(backend):
+    # NegLabel's protocol: 100 groups; M = 1010 leaves a remainder for the permutation to drop.
+    image, pos = make_inputs((4, 5, 1, 16), torch.float32, "cpu")[:2]
+    negatives = torch.randn(1010, 16, generator=torch.Generator().manual_seed(4))
+    call = lambda b, *t: ops.neglabel_score(*t, temperature=0.01, groups=100, seed=5, backend=b)  # noqa: E731
+    assert_matches_reference(call(backend, image, pos, negatives), call("torch", image, pos, negatives),
+                             call("torch", image.double(), pos.double(), negatives.double()), what="neglabel")
+
+
 def test_neglabel_single_group_is_id_mass():
     image, pos, neg, _ = make_inputs((6, 4, 2, 8), torch.float64, "cpu")
     negatives = neg.reshape(-1, 8)
