@@ -22,9 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from promptkit.assets import ASSETS_DIR, VOCABULARY
 from promptkit.data.atomic import atomic_write
 
-VOCABULARY_FILE = "wordnet_vocabulary.txt.gz"
 LICENSE_FILE = "WORDNET_LICENSE.txt"
 EXCLUDED_NOUN_FILES = {5: "noun.animal", 13: "noun.food"}
 _ADJ_MARKER = re.compile(r"\((a|p|ip)\)$")
@@ -66,17 +66,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"), help="WordNet 3.0 dict folder")
     parser.add_argument("--license", type=Path, default=Path("/usr/share/doc/wordnet-base/copyright"),
                         help="the WordNet licence text to ship beside the list")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--out", type=Path, default=ASSETS_DIR)
     args = parser.parse_args(argv)
     nouns, adjectives = build(args.wordnet)
     text = "".join(f"n\t{w}\n" for w in nouns) + "".join(f"a\t{w}\n" for w in adjectives)
-    with atomic_write(args.out / VOCABULARY_FILE) as tmp:
+    with atomic_write(args.out / VOCABULARY.name) as tmp:
         # mtime=0: the same words give the same bytes
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as handle:
             handle.write(text.encode("utf-8"))
     with atomic_write(args.out / LICENSE_FILE) as tmp:
         shutil.copyfile(args.license, tmp)
-    print(f"{len(nouns)} nouns, {len(adjectives)} adjectives -> {args.out / VOCABULARY_FILE}")
+    print(f"{len(nouns)} nouns, {len(adjectives)} adjectives -> {args.out / VOCABULARY.name}")
 
 
 if __name__ == "__main__":

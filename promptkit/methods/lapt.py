@@ -29,6 +29,7 @@ from torch import Tensor
 
 from promptkit import ops
 from promptkit.clip import PromptLearner
+from promptkit.distributed import encode_prompts
 from promptkit.methods.base import Method, cosine_lr, train_loop
 from promptkit.methods.coop import clip_logit_scale
 from promptkit.methods.negmine import NegativeLabels, load_vocabulary, mine_negative_labels, negative_labels_from_json
@@ -156,8 +157,7 @@ class LAPT(Method):
         device = self.clip.device
         features = F.normalize(features.to(device).float(), dim=-1)
         labels = labels.to(device)
-        onehot = F.one_hot(labels, num_labels).float()
-        mix_text = self._mix_text_features(self.training_labels()) if c.cross_modal else None
+        mix_text = self._mix_text_features(self.class_names + list(train.words)) if c.cross_modal else None
         scale = clip_logit_scale(self.clip)
         rng = np.random.default_rng(c.seed)  # lam draws
         generator = torch.Generator().manual_seed(c.seed + 1)  # template and partner draws
@@ -169,8 +169,8 @@ class LAPT(Method):
         counts = {"cross_distribution_batches": 0, "batches": 0}
 
         def loss_fn(index: Tensor) -> Tensor:
-            image, target = features[index], onehot[index]
-            text = torch.cat([self.id_prompts()[0], self.neg_prompts()[0]])
+            image, target = features[index], F.one_hot(labels[index], num_labels).float()
+            text = torch.cat([encode_prompts(self.id_prompts)[0], encode_prompts(self.neg_prompts)[0]])
             if mix_text is not None:
                 lam = float(rng.beta(c.alpha, c.alpha))
                 pick = torch.randint(len(MIX_TEMPLATES), (len(index),), generator=generator).to(device)
@@ -202,8 +202,8 @@ class LAPT(Method):
     @torch.no_grad()
     def text_features(self) -> tuple[Tensor, Tensor]:
         """Learned ID prompt features [C, E] and test negative prompt features [M_test, E] (computed once)."""
-        train, test = self.mine()
         if self._test_text is None:
+            train, test = self.mine()
             try:
                 self.neg_prompts.set_class_names(list(test.words))
                 chunks = [self.neg_prompts(classes=part)[0] for part in torch.arange(len(test)).split(1024)]
