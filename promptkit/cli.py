@@ -275,8 +275,9 @@ def cmd_score(args) -> None:
     with atomic_write(out) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "score", "predicted_class", "decision"])
-        is_id = [method.threshold is None or value >= method.threshold for value in scores.tolist()]
-        for index, value, label, keep in zip(result.kept.tolist(), scores.tolist(), predicted.tolist(), is_id):
+        values = scores.tolist()
+        is_id = [method.threshold is None or value >= method.threshold for value in values]
+        for index, value, label, keep in zip(result.kept.tolist(), values, predicted.tolist(), is_id):
             writer.writerow([source.describe(index), f"{value:.6g}", method.class_names[label],
                              "ID" if keep else "OOD"])
     flagged = is_id.count(False)
@@ -341,6 +342,7 @@ def cmd_collect(args) -> None:
     from promptkit.data.classnames import class_list
     from promptkit.data.sources import open_source
     from promptkit.methods.negmine import load_vocabulary, mine_negative_labels
+    from promptkit.pipeline import extract_settings
 
     if args.classes:
         names = class_list(args.classes)
@@ -356,14 +358,14 @@ def cmd_collect(args) -> None:
     negatives = mine_negative_labels(clip, names, load_vocabulary(args.vocabulary), count=args.negatives,
                                      cache_dir=options.cache_dir, progress=options.progress)
     labels = names + list(negatives.words)
-    pool = open_pool(args.pool or "embedded:train", clip, cache_dir=options.cache_dir,
-                     batch_size=options.batch_size, progress=options.progress)
+    settings = extract_settings(options)
+    pool = open_pool(args.pool or "embedded:train", clip, **settings)
     collection = retrieve(clip, pool, labels, args.per_label)
     if args.generate:
         generated = generate(labels, args.per_label, Path(args.output) / "generated", args.generate)
-        collection = collection + from_folders(clip, generated, labels, options.cache_dir, options.progress)
+        collection = collection + from_folders(clip, generated, labels, **settings)
     if args.folders:
-        collection = collection + from_folders(clip, args.folders, labels, options.cache_dir, options.progress)
+        collection = collection + from_folders(clip, args.folders, labels, **settings)
     out = save_collection(collection, args.output)
     with atomic_write(out / "negatives.txt") as tmp:
         tmp.write_text("".join(f"{p}\t{w}\n" for w, p in zip(negatives.words, negatives.pos)))

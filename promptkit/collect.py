@@ -67,9 +67,10 @@ class Pool:
     origins: list[str]
 
 
-def open_pool(spec: str | os.PathLike[str] | ImageSource, clip, cache_dir=None, batch_size: int = 256,
-              progress: bool = True) -> Pool:
-    """A pool from an image source, a folder/list/``embedded:`` spec, or a safetensors file of features."""
+def open_pool(spec: str | os.PathLike[str] | ImageSource, clip, **extract_options) -> Pool:
+    """A pool from an image source, a folder/list/``embedded:`` spec, or a safetensors file of features.
+
+    ``extract_options`` go to ``extract_features`` (cache_dir, batch_size, shard_size, on_error, progress)."""
     if isinstance(spec, (str, os.PathLike)) and str(spec).endswith(".safetensors"):
         path = Path(spec).expanduser()
         try:
@@ -81,8 +82,7 @@ def open_pool(spec: str | os.PathLike[str] | ImageSource, clip, cache_dir=None, 
                             f"got {list(features.shape)}")
         return Pool(features.float(), [f"{path}[{i}]" for i in range(len(features))])
     source = open_source(spec) if isinstance(spec, (str, os.PathLike)) else spec
-    result = extract_features(clip, source, batch_size=batch_size, device=clip.device, cache_dir=cache_dir,
-                              progress=progress)
+    result = extract_features(clip, source, device=clip.device, **extract_options)
     return Pool(result.features, [source.describe(i) for i in result.kept.tolist()])
 
 
@@ -127,16 +127,17 @@ def retrieve(clip, pool: Pool, label_names: list[str], per_label: int, deduplica
                       list(label_names))
 
 
-def from_folders(clip, root: str | os.PathLike[str], label_names: list[str], cache_dir=None,
-                 progress: bool = True) -> Collection:
-    """Images from ``root/<label>/`` subfolders; each subfolder must be named after one of ``label_names``."""
+def from_folders(clip, root: str | os.PathLike[str], label_names: list[str], **extract_options) -> Collection:
+    """Images from ``root/<label>/`` subfolders; each subfolder must be named after one of ``label_names``.
+
+    ``extract_options`` go to ``extract_features``, as in ``open_pool``."""
     source = ImageFolderSource(root, labelled=True)
     index = {name: i for i, name in enumerate(label_names)}
     unknown = [name for name in source.class_names if name not in index]
     if unknown:
         raise DataError(f"{root}: subfolder {unknown[0]!r} is not one of the {len(label_names)} labels "
                         "(name each subfolder after an ID class or a mined negative label)")
-    result = extract_features(clip, source, device=clip.device, cache_dir=cache_dir, progress=progress)
+    result = extract_features(clip, source, device=clip.device, **extract_options)
     mapping = torch.tensor([index[name] for name in source.class_names])
     return Collection(result.features, mapping[result.labels], [source.describe(i) for i in result.kept.tolist()],
                       list(label_names))

@@ -116,11 +116,15 @@ def split_training(labels: Tensor, shots: int, seed: int) -> tuple[Tensor, Tenso
     return chosen, rest
 
 
+def extract_settings(options: RunOptions) -> dict[str, Any]:
+    """The run's keyword arguments of ``extract_features``: cache, batch and shard sizes, bad images, progress."""
+    return dict(batch_size=options.batch_size, cache_dir=options.cache_dir, on_error=options.on_bad_image,
+                progress=options.progress, shard_size=options.shard_size)
+
+
 def extract(clip, source: ImageSource, options: RunOptions) -> Features:
     """The features of every readable image of ``source``, through the feature cache, with the run's settings."""
-    return extract_features(clip, source, batch_size=options.batch_size, device=clip.device,
-                            cache_dir=options.cache_dir, on_error=options.on_bad_image, progress=options.progress,
-                            shard_size=options.shard_size)
+    return extract_features(clip, source, device=clip.device, **extract_settings(options))
 
 
 def features_of(clip, source: ImageSource, options: RunOptions) -> tuple[Tensor, Tensor]:
@@ -174,8 +178,7 @@ def collect_training_features(method: Method, clip, data: Datasets, options: Run
     from promptkit.collect import open_pool, retrieve
 
     pool_spec = data.pool if data.pool is not None else EmbeddedSource("train")
-    pool = open_pool(pool_spec, clip, cache_dir=options.cache_dir, batch_size=options.batch_size,
-                     progress=options.progress)
+    pool = open_pool(pool_spec, clip, **extract_settings(options))
     labels = method.training_labels()
     collection = retrieve(clip, pool, labels, method.config.images_per_label)
     counts = collection.counts()
@@ -204,7 +207,10 @@ def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed:
             raise ValueError(f"{method_name} learns prompts: give --train DIR|LIST (few-shot ID training images)")
         # Only the sampled images are encoded: few-shot runs on ImageNet must not extract 1.28M features.
         chosen, rest = split_training(data.train.labels, shots, seed)
-        feats, labels = features_of(clip, Subset(data.train, chosen), options)
+        # The whole training set keeps its own cache entry (e.g. one `promptkit extract` made).
+        everything = torch.equal(chosen, torch.arange(len(data.train)))
+        if method.trainable or not len(rest):  # zero-shot methods use the training images only as held-out ones
+            feats, labels = features_of(clip, data.train if everything else Subset(data.train, chosen), options)
         heldout = features_of(clip, Subset(data.train, rest), options)[0] if len(rest) else feats
         train_info.update(train_images=len(chosen), heldout_images=len(rest))
         if method.trainable:
