@@ -167,15 +167,12 @@ def _read_shard(path: Path, key: str) -> Features:
     return Features(t["features"], t["labels"], t["kept"], list(json.loads(meta["skipped"])))
 
 
-def _finished_shard(path: Path, key: str) -> bool:
-    """True when ``path`` is a complete shard of this entry (so a rerun can keep it)."""
-    if not path.is_file():
-        return False
+def _finished_shard(path: Path, key: str) -> Features | None:
+    """The shard at ``path`` when it is a complete shard of this entry (so a rerun can keep it), else None."""
     try:
-        _read_shard(path, key)
-        return True
+        return _read_shard(path, key)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
-        return False
+        return None
 
 
 def _join(parts: list[Features]) -> Features:
@@ -252,32 +249,35 @@ def extract_features(
     with bar:
         if not use_cache:
             feats = _encode(clip, source, range(len(source)), batch_size, device, on_error, num_workers, bar)
-            return _checked(_join([feats]), source, on_error)
+            return _checked(feats, source, on_error)
         error: Exception | None = None
         result: Features | None = None  # what rank 0 wrote, returned without reading it back
+        own: dict[int, Features] = {}  # this rank's shards by first image: joined without reading them back
+        shard_dir = folder / f"{key}.shards"
         try:
             if len(spans) == 1:
                 if distributed.is_main():  # one shard: rank 0 encodes it, the others wait
-                    result = _join([_encode(clip, source, spans[0], batch_size, device, on_error, num_workers,
-                                            bar)])
+                    result = _encode(clip, source, spans[0], batch_size, device, on_error, num_workers, bar)
                     _store_entry(folder, key, result, clip, source, shards=None)
             else:
-                shard_dir = folder / f"{key}.shards"
                 mine = distributed.shard(len(spans))
                 for span in spans[mine.start:mine.stop]:
                     path = shard_dir / _shard_name(span)
-                    if _finished_shard(path, key):  # resume: done by an earlier, interrupted run
+                    shard = _finished_shard(path, key)  # resume: done by an earlier, interrupted run
+                    if shard is not None:
                         bar.update(len(span))
-                        continue
-                    _write_shard(path, key, _encode(clip, source, span, batch_size, device, on_error,
-                                                    num_workers, bar))
+                    else:
+                        shard = _encode(clip, source, span, batch_size, device, on_error, num_workers, bar)
+                        _write_shard(path, key, shard)
+                    own[span.start] = shard
         except Exception as e:  # every rank must learn of a failure, or the others wait forever below
             error = e
         if not distributed.all_ok(error is None):
             raise error or DataError("feature extraction failed on another rank; see its error above")
         if len(spans) > 1 and distributed.is_main():
             names = [_shard_name(span) for span in spans]
-            result = _join([_read_shard(folder / f"{key}.shards" / name, key) for name in names])
+            result = _join([own[span.start] if span.start in own else _read_shard(shard_dir / name, key)
+                            for span, name in zip(spans, names)])
             _store_entry(folder, key, result, clip, source, shards=names)
         distributed.barrier()  # the index exists once rank 0 passes here
     entry = result if result is not None else _load_entry(folder, key)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,15 +14,7 @@ from safetensors.torch import load_file
 from promptkit.clip import load_clip
 from promptkit.data import ImageFolderSource, extract_features
 
-HERE = Path(__file__).parent
-
-
-def _worker_module():
-    """extract_worker.py as a module, for its encoder (test folders are not importable packages here)."""
-    spec = importlib.util.spec_from_file_location("extract_worker", HERE / "extract_worker.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .extract_worker import MeanColourEncoder
 
 
 def _entry(cache: Path) -> tuple[dict, Path]:
@@ -86,7 +77,7 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(tmp_path: Pat
     unreadable_in_finished = 1  # c1/07.png is image 14 (after c0's 11), in rank 1's first shard [12, 16)
     assert encoded == 22 - 1 - (finished_images - unreadable_in_finished)  # only the unfinished shards ran
 
-    encoder = _worker_module().MeanColourEncoder(kill_at=None)
+    encoder = MeanColourEncoder(kill_at=None)
     with pytest.warns(UserWarning, match="skipped 1 of 22"):
         resumed = extract_features(encoder, ImageFolderSource(images), cache_dir=cache, progress=False,
                                    shard_size=4)
