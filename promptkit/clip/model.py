@@ -21,6 +21,7 @@ import torch
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from promptkit.assets import MODEL_CONFIG, MODEL_NAME, MODEL_WEIGHTS
+from promptkit.errors import UserError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,7 +37,7 @@ _LOW_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model or its weights could not be loaded; the message names the model or file and what to do."""
 
 

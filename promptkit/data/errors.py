@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from promptkit.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A dataset, list file, class-name file or cache entry is missing or malformed."""
 
 

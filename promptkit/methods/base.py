@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 import promptkit
 from promptkit import distributed
 from promptkit.data.atomic import atomic_write
+from promptkit.errors import UserError
 
 PROMPTS_FILE = "prompts.safetensors"
 META_FILE = "prompts.json"
 
 
-class PromptsError(ValueError):
+class PromptsError(UserError, ValueError):
     """Saved prompts that cannot be used here (missing, corrupt, or for another model or class list)."""
 
 

@@ -1,0 +1,15 @@
+"""promptkit's own error types.
+
+The command line turns a ``UserError`` (bad input: a flag, a file, a dataset, saved prompts, a model) into one
+line and exit code 1. Any other exception is a bug in promptkit or its dependencies and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Input that promptkit cannot use; the message says what and where, and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A method setting, flag or protocol name that is unknown, of the wrong type or out of range."""
