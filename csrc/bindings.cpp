@@ -50,25 +50,30 @@ void def_cpu(py::module_& m) {
   m.def(
       "xent_fwd_cpu",
       [](Addr cos, std::int64_t B, std::int64_t N, double scale, int kind, Addr labels, Addr targets, Addr out_loss,
-         Addr out_lse, int dtype) {
-        pk::cpu::xent_fwd(in(cos), B, N, scale, kind, idx(labels), in(targets), out(out_loss), out(out_lse), dtype);
+         Addr out_lse, int dtype, std::int64_t group) {
+        pk::cpu::xent_fwd(in(cos), B, N, scale, kind, idx(labels), in(targets), out(out_loss), out(out_lse), dtype,
+                          group);
       },
       py::arg("cos"), py::arg("B"), py::arg("N"), py::arg("scale"), py::arg("kind"), py::arg("labels"),
-      py::arg("targets"), py::arg("out_loss"), py::arg("out_lse"), py::arg("dtype"), nogil,
+      py::arg("targets"), py::arg("out_loss"), py::arg("out_lse"), py::arg("dtype"), py::arg("group") = 1, nogil,
       "Cross-entropy rows loss_b = a_b * lse_b - sum_n w_bn z_bn with z = scale * cos [B, N].\n\n"
       "kind 0: labels int64 [B] in [0, N); kind 1: w = 1/N; kind 2: targets [B, N] (cos's dtype), a_b = sum_n w_bn.\n"
+      "kind 3 (multilabel soft margin): loss_b = (1/N) sum_n softplus(z_bn) - y_bn z_bn with y_bn = 1 iff\n"
+      "n / group == labels[b], labels int64 [B] in [0, N / group), N a multiple of group; out_lse is 0.\n"
       "Unused pointers are 0. out_loss, out_lse [B].");
   m.def(
       "xent_bwd_cpu",
       [](Addr cos, std::int64_t B, std::int64_t N, double scale, int kind, Addr labels, Addr targets, Addr lse,
-         Addr grad_loss, Addr out_dcos, int dtype) {
+         Addr grad_loss, Addr out_dcos, int dtype, std::int64_t group) {
         pk::cpu::xent_bwd(in(cos), B, N, scale, kind, idx(labels), in(targets), in(lse), in(grad_loss),
-                          out(out_dcos), dtype);
+                          out(out_dcos), dtype, group);
       },
       py::arg("cos"), py::arg("B"), py::arg("N"), py::arg("scale"), py::arg("kind"), py::arg("labels"),
-      py::arg("targets"), py::arg("lse"), py::arg("grad_loss"), py::arg("out_dcos"), py::arg("dtype"), nogil,
-      "dcos_bn = grad_loss_b * scale * (a_b * exp(z_bn - lse_b) - w_bn); arguments as xent_fwd_cpu plus\n"
-      "lse [B] (from the forward), grad_loss [B]; out_dcos [B, N].");
+      py::arg("targets"), py::arg("lse"), py::arg("grad_loss"), py::arg("out_dcos"), py::arg("dtype"),
+      py::arg("group") = 1, nogil,
+      "dcos_bn = grad_loss_b * scale * (a_b * exp(z_bn - lse_b) - w_bn) (kind 3: grad_loss_b * scale *\n"
+      "(sigmoid(z_bn) - y_bn) / N, lse unused); arguments as xent_fwd_cpu plus lse [B] (from the forward),\n"
+      "grad_loss [B]; out_dcos [B, N].");
   m.def(
       "l2norm_fwd_cpu",
       [](Addr x, std::int64_t R, std::int64_t D, double eps, Addr out_y, Addr out_inv_norm, int dtype) {
@@ -78,13 +83,13 @@ void def_cpu(py::module_& m) {
       py::arg("dtype"), nogil, "x [R, D] -> out_y [R, D] = x / max(|x|, eps), out_inv_norm [R] = 1 / max(|x|, eps).");
   m.def(
       "l2norm_bwd_cpu",
-      [](Addr dy, Addr y, Addr inv_norm, std::int64_t R, std::int64_t D, Addr out_dx, int dtype) {
-        pk::cpu::l2norm_bwd(in(dy), in(y), in(inv_norm), R, D, out(out_dx), dtype);
+      [](Addr dy, Addr y, Addr inv_norm, std::int64_t R, std::int64_t D, double eps, Addr out_dx, int dtype) {
+        pk::cpu::l2norm_bwd(in(dy), in(y), in(inv_norm), R, D, eps, out(out_dx), dtype);
       },
-      py::arg("dy"), py::arg("y"), py::arg("inv_norm"), py::arg("R"), py::arg("D"), py::arg("out_dx"),
-      py::arg("dtype"), nogil,
-      "dx = inv_norm * (dy - y <dy, y>) per row; dx = inv_norm * dy where the forward clamped the norm\n"
-      "(recognised by |y|^2 < 1/2). dy, y, out_dx [R, D]; inv_norm [R].");
+      py::arg("dy"), py::arg("y"), py::arg("inv_norm"), py::arg("R"), py::arg("D"), py::arg("eps"),
+      py::arg("out_dx"), py::arg("dtype"), nogil,
+      "dx = inv_norm * (dy - y <dy, y>) per row; dx = inv_norm * dy where the forward (with this eps) clamped\n"
+      "the norm, |x| <= eps (recognised by inv_norm = 1 / eps). dy, y, out_dx [R, D]; inv_norm [R].");
   m.def(
       "mix_cpu",
       [](Addr a, Addr b, Addr lam, std::int64_t B, std::int64_t D, Addr out_, int dtype) {
@@ -138,25 +143,26 @@ void def_cuda(py::module_& m) {
   m.def(
       "xent_fwd_cuda",
       [](Addr img, Addr txt, std::int64_t B, std::int64_t N, std::int64_t D, double scale, int kind, Addr labels,
-         Addr targets, Addr out_loss, Addr out_lse, int dtype, Addr stream) {
+         Addr targets, Addr out_loss, Addr out_lse, int dtype, Addr stream, std::int64_t group) {
         pk::cuda::xent_fwd(in(img), in(txt), B, N, D, scale, kind, idx(labels), in(targets), out(out_loss),
-                           out(out_lse), dtype, stream);
+                           out(out_lse), dtype, stream, group);
       },
       py::arg("img"), py::arg("txt"), py::arg("B"), py::arg("N"), py::arg("D"), py::arg("scale"), py::arg("kind"),
       py::arg("labels"), py::arg("targets"), py::arg("out_loss"), py::arg("out_lse"), py::arg("dtype"),
-      py::arg("stream"), nogil,
+      py::arg("stream"), py::arg("group") = 1, nogil,
       (std::string("xent_fwd_cpu on cos = img @ txt^T computed in tiles (never stored); targets in the "
-                   "accumulation type; a label outside [0, N) gives a NaN loss row. ") + dtypes).c_str());
+                   "accumulation type; a label outside [0, N) (kind 3: [0, N / group)) gives a NaN loss row. ") +
+       dtypes).c_str());
   m.def(
       "xent_bwd_cuda",
       [](Addr img, Addr txt, std::int64_t B, std::int64_t N, std::int64_t D, double scale, int kind, Addr labels,
-         Addr targets, Addr lse, Addr grad_loss, Addr out_dcos, int dtype, Addr stream) {
+         Addr targets, Addr lse, Addr grad_loss, Addr out_dcos, int dtype, Addr stream, std::int64_t group) {
         pk::cuda::xent_bwd(in(img), in(txt), B, N, D, scale, kind, idx(labels), in(targets), in(lse), in(grad_loss),
-                           out(out_dcos), dtype, stream);
+                           out(out_dcos), dtype, stream, group);
       },
       py::arg("img"), py::arg("txt"), py::arg("B"), py::arg("N"), py::arg("D"), py::arg("scale"), py::arg("kind"),
       py::arg("labels"), py::arg("targets"), py::arg("lse"), py::arg("grad_loss"), py::arg("out_dcos"),
-      py::arg("dtype"), py::arg("stream"), nogil,
+      py::arg("dtype"), py::arg("stream"), py::arg("group") = 1, nogil,
       (std::string("xent_bwd_cpu on cos = img @ txt^T computed in tiles; writes out_dcos [B, N]; a label outside "
                    "[0, N) gives a NaN row. ") + dtypes).c_str());
   m.def(
@@ -168,11 +174,13 @@ void def_cuda(py::module_& m) {
       py::arg("dtype"), py::arg("stream"), nogil, (std::string("As l2norm_fwd_cpu. ") + dtypes).c_str());
   m.def(
       "l2norm_bwd_cuda",
-      [](Addr dy, Addr y, Addr inv_norm, std::int64_t R, std::int64_t D, Addr out_dx, int dtype, Addr stream) {
-        pk::cuda::l2norm_bwd(in(dy), in(y), in(inv_norm), R, D, out(out_dx), dtype, stream);
+      [](Addr dy, Addr y, Addr inv_norm, std::int64_t R, std::int64_t D, double eps, Addr out_dx, int dtype,
+         Addr stream) {
+        pk::cuda::l2norm_bwd(in(dy), in(y), in(inv_norm), R, D, eps, out(out_dx), dtype, stream);
       },
-      py::arg("dy"), py::arg("y"), py::arg("inv_norm"), py::arg("R"), py::arg("D"), py::arg("out_dx"),
-      py::arg("dtype"), py::arg("stream"), nogil, (std::string("As l2norm_bwd_cpu. ") + dtypes).c_str());
+      py::arg("dy"), py::arg("y"), py::arg("inv_norm"), py::arg("R"), py::arg("D"), py::arg("eps"),
+      py::arg("out_dx"), py::arg("dtype"), py::arg("stream"), nogil,
+      (std::string("As l2norm_bwd_cpu. ") + dtypes).c_str());
   m.def(
       "mix_cuda",
       [](Addr a, Addr b, Addr lam, std::int64_t B, std::int64_t D, Addr out_, int dtype, Addr stream) {

@@ -9,7 +9,7 @@ from .cosine import cosine
 from .ortho import ORTHO_ABS_SUM, ORTHO_MEAN_COS, ortho_bwd, ortho_fwd
 from .rowops import MIX_EPS, l2norm_bwd, l2norm_fwd, mix
 from .softmax_stats import segment_stats
-from .xent import XENT_DENSE, XENT_INDEX, XENT_UNIFORM, xent_bwd, xent_fwd
+from .xent import XENT_DENSE, XENT_INDEX, XENT_MULTILABEL, XENT_UNIFORM, xent_bwd, xent_fwd
 
 __all__ = [
     "cosine",
@@ -24,6 +24,7 @@ __all__ = [
     "XENT_INDEX",
     "XENT_UNIFORM",
     "XENT_DENSE",
+    "XENT_MULTILABEL",
     "ORTHO_ABS_SUM",
     "ORTHO_MEAN_COS",
     "MIX_EPS",

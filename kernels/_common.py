@@ -1,8 +1,13 @@
-"""Shared host helpers (dtype rules, tile sizes, checks) and device helpers (cosine tiles, NaN-aware reductions)."""
+"""Shared host helpers (dtype rules, tile sizes, launches, checks) and device helpers (cosine tiles, NaN-aware
+reductions)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -75,34 +80,121 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     return interpreting() and dtype in (torch.float16, torch.bfloat16)
 
 
-def dot_tiles(rows: int, cols: int, depth: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """Tile sizes (BLOCK_rows, BLOCK_cols, BLOCK_depth) for a tl.dot loop, powers of two >= 16 (tl.dot's minimum).
+def _fma_dot(dtype: torch.dtype) -> bool:
+    """Whether tl.dot on ``dtype`` runs on FMA units (fp32 at full precision) instead of tensor cores; its operand
+    fragments then sit in registers, so its tiles must be smaller."""
+    return dtype == torch.float32 and dot_precision(dtype) == "ieee"
 
-    On a GPU the tiles are sized for registers (fp64 needs twice the space).
+
+def dot_tiles(rows: int, cols: int, depth: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Tile sizes (BLOCK_rows, BLOCK_cols, BLOCK_depth) for a tl.dot loop over inputs of ``dtype``, powers of two
+    >= 16 (tl.dot's minimum).
+
+    On a GPU the tiles are sized so that no kernel spills registers (tests/ops/test_gpu_compile.py): fp64 and
+    full-precision fp32 get smaller ones than the tensor-core dtypes.
     """
     if interpreting():
         caps = (INTERPRET_MAX_TILE,) * 3
     elif dtype == torch.float64:
         caps = (32, 32, 16)
+    elif _fma_dot(dtype):
+        caps = (32, 64, 16)
     else:
         caps = (64, 64, 32)
     return tuple(min(cap, max(16, triton.next_power_of_2(max(n, 1)))) for n, cap in zip((rows, cols, depth), caps))
 
 
+# Elements a row-wise program holds per tensor on a GPU: 8 a thread at 4 warps, few enough registers for rows
+# whose length is no multiple of 16 (every element then has its own address).
+ROW_TILE = 1024
+
+
 def row_tiles(rows: int, depth: int) -> tuple[int, int]:
     """Tile sizes (BLOCK_R, BLOCK_D) for row-wise kernels that loop over the feature dim."""
-    cap_d, cap_r = (INTERPRET_MAX_TILE, INTERPRET_MAX_TILE) if interpreting() else (1024, 4096)
+    cap_d, tile = (INTERPRET_MAX_TILE, INTERPRET_MAX_TILE**2) if interpreting() else (ROW_TILE, ROW_TILE)
     block_d = min(cap_d, triton.next_power_of_2(max(depth, 1)))
-    # about 4096 elements a tile on a GPU: whole rows up to D = 1024, several rows a program
-    block_r = min(cap_r, max(1, 4096 // block_d), triton.next_power_of_2(max(rows, 1)))
+    # whole rows up to D = 1024 in one chunk, several rows a program when they are shorter
+    block_r = min(max(1, tile // block_d), triton.next_power_of_2(max(rows, 1)))
     return block_r, block_d
 
 
-def gram_tiles(K: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_D, num_warps) for per-class K x K Gram matrices: one tile holds all K rows."""
-    block_k = max(16, triton.next_power_of_2(K))
-    block_d = min(INTERPRET_MAX_TILE if interpreting() else 64, max(16, triton.next_power_of_2(D)))
-    return block_k, block_d, 8 if block_k >= 128 else 4
+def gram_tiles(K: int, D: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_D) for per-class K x K Gram matrices of ``dtype`` rows, walked in BLOCK_K x BLOCK_K tiles.
+
+    On a GPU BLOCK_K is capped so that any K fits shared memory and registers (at the default 4 warps).
+    """
+    if interpreting():
+        cap_k = cap_d = INTERPRET_MAX_TILE
+    else:
+        cap_k, cap_d = 32, 16 if _fma_dot(dtype) else 32
+    block_k = min(cap_k, max(16, triton.next_power_of_2(max(K, 1))))
+    block_d = min(cap_d, max(16, triton.next_power_of_2(max(D, 1))))
+    return block_k, block_d
+
+
+# CUDA's grid limits: 2^31 - 1 blocks on axis 0, 65535 on axes 1 and 2. Every launch below uses axis 0 only.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a kernel is launched, worked out from the problem's sizes alone (tested without a GPU).
+
+    grid: programs per axis; constants: the kernel's ``tl.constexpr`` arguments; options: compile options
+    (num_warps, enable_fp_fusion).
+    """
+
+    grid: tuple[int, ...]
+    constants: dict[str, object]
+    options: dict[str, object] = field(default_factory=dict)
+
+
+def check_grid(fn: str, grid: tuple[int, ...]) -> None:
+    """Raise a ValueError when a grid exceeds CUDA's limits (the launch would fail with an opaque error)."""
+    if len(grid) > 3 or any(not 1 <= g <= limit for g, limit in zip(grid, MAX_GRID)):
+        raise ValueError(f"{fn}: grid {grid} exceeds CUDA's limits {MAX_GRID[:len(grid)]}; the problem is too large "
+                         "for one launch")
+
+
+def device_of(t: torch.Tensor):
+    """A context that makes ``t``'s GPU current: Triton launches on torch's current device, not the tensor's."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(fn: str, kernel, plan: Launch, *args) -> None:
+    """Launch ``kernel(*args)`` with ``plan`` on the device of its first argument, a tensor (every Triton launch
+    goes through here)."""
+    check_grid(fn, plan.grid)
+    with device_of(args[0]):
+        kernel[plan.grid](*args, **plan.constants, **plan.options)
+
+
+@functools.lru_cache(maxsize=64)
+def _on_device(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    # Pinned memory and non_blocking: the copy is queued on the stream instead of synchronising the host.
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+def constants_on(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant array (segment offsets, scales) on ``device``, built on the host once per distinct value.
+
+    The result is shared between calls: read it, never write to it.
+    """
+    return _on_device(tuple(values), dtype, torch.device(device))
+
+
+def check_labels(fn: str, labels: torch.Tensor, N: int) -> None:
+    """Class indices must lie in [0, N): a ValueError on the CPU; on a GPU an asynchronous device assert (torch's
+    own rule for out-of-range targets), since reading the values back would stall the host every call."""
+    if labels.numel() == 0:
+        return
+    in_range = ((labels >= 0) & (labels < N)).all()
+    if labels.device.type != "cpu":
+        torch._assert_async(in_range, f"{fn}: labels must lie in [0, {N})")
+    elif not bool(in_range):
+        raise ValueError(f"{fn}: labels must lie in [0, {N}), got values in [{int(labels.min())}, "
+                         f"{int(labels.max())}]")
 
 
 @triton.jit

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_features, cos_tile, dot_precision, dot_tiles, scalar, upcast_dot
+from ._common import (Launch, acc_dtype, check_features, cos_tile, dot_precision, dot_tiles, launch, scalar,
+                      upcast_dot)
 
 
 @triton.jit
@@ -14,8 +15,10 @@ def _cosine_kernel(img_ptr, txt_ptr, scale_ptr, out_ptr, B, N, D,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     ACC: tl.constexpr = out_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # one grid axis (axes 1 and 2 stop at 65535): row tiles vary fastest, so neighbours share a text tile
+    row_tiles = tl.cdiv(B, BLOCK_B)
+    rows = (tl.program_id(0) % row_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = (tl.program_id(0) // row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < B
     col_mask = cols < N
     cos = cos_tile(img_ptr, txt_ptr, rows, cols, row_mask, col_mask, D,
@@ -23,6 +26,13 @@ def _cosine_kernel(img_ptr, txt_ptr, scale_ptr, out_ptr, B, N, D,
     z = tl.load(scale_ptr) * cos
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out_ptr + offs, z, mask=row_mask[:, None] & col_mask[None, :])
+
+
+def cosine_launch(B: int, N: int, D: int, dtype: torch.dtype) -> Launch:
+    """The launch of ``cosine`` for img [B, D] and txt [N, D] in ``dtype``."""
+    bb, bn, bd = dot_tiles(B, N, D, dtype)
+    return Launch((triton.cdiv(B, bb) * triton.cdiv(N, bn),),
+                  dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, UPCAST=upcast_dot(dtype), PRECISION=dot_precision(dtype)))
 
 
 def cosine(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.Tensor:
@@ -42,9 +52,6 @@ def cosine(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.Tensor:
     out = torch.empty((B, N), dtype=acc, device=img.device)
     if B == 0 or N == 0:
         return out
-    bb, bn, bd = dot_tiles(B, N, D, acc)
-    grid = (triton.cdiv(B, bb), triton.cdiv(N, bn))
-    _cosine_kernel[grid](img, txt, scalar(scale, acc, img.device), out, B, N, D,
-                         BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
-                         UPCAST=upcast_dot(img.dtype), PRECISION=dot_precision(img.dtype))
+    launch("cosine", _cosine_kernel, cosine_launch(B, N, D, img.dtype),
+           img, txt, scalar(scale, acc, img.device), out, B, N, D)
     return out

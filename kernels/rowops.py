@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_float, check_same, row_tiles, scalar
+from ._common import Launch, acc_dtype, check_float, check_same, launch, row_tiles, scalar
 
 MIX_EPS = 1e-12  # the norm floor of mix's re-normalisation (torch.nn.functional.normalize's default)
 
@@ -32,7 +32,8 @@ def _l2norm_fwd_kernel(x_ptr, eps_ptr, y_ptr, inv_ptr, R, D, BLOCK_R: tl.constex
 
 
 @triton.jit
-def _l2norm_bwd_kernel(dy_ptr, y_ptr, inv_ptr, dx_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _l2norm_bwd_kernel(dy_ptr, y_ptr, inv_ptr, eps_ptr, dx_ptr, R, D, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     ACC: tl.constexpr = dx_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
@@ -45,12 +46,16 @@ def _l2norm_bwd_kernel(dy_ptr, y_ptr, inv_ptr, dx_ptr, R, D, BLOCK_R: tl.constex
         y = tl.load(y_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
         dot += tl.sum(dy * y, 1)
     inv = tl.load(inv_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    # Rows whose norm the forward clamped (|x| <= eps: torch's clamp_min passes no gradient at equality either) have
+    # x / eps, whose gradient is dy / eps; their inv is the forward's very 1 / eps (csrc/common/rows.h, l2_was_clamped)
+    clamped = (inv >= 1.0 / tl.load(eps_ptr))[:, None]
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
         dy = tl.load(dy_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
         y = tl.load(y_ptr + base + d[None, :], mask=mask, other=0.0).to(ACC)
-        tl.store(dx_ptr + base + d[None, :], inv[:, None] * (dy - y * dot[:, None]), mask=mask)
+        dx = tl.where(clamped, dy * inv[:, None], inv[:, None] * (dy - y * dot[:, None]))
+        tl.store(dx_ptr + base + d[None, :], dx, mask=mask)
 
 
 @triton.jit
@@ -77,6 +82,12 @@ def _mix_kernel(a_ptr, b_ptr, lam_ptr, eps_ptr, out_ptr, R, D, BLOCK_R: tl.const
         tl.store(out_ptr + base + d[None, :], (lam * a + (1.0 - lam) * b) * inv[:, None], mask=mask)
 
 
+def rows_launch(R: int, D: int) -> Launch:
+    """The launch of the row-wise kernels (l2norm_fwd, l2norm_bwd, mix) on [R, D] rows."""
+    br, bd = row_tiles(R, D)
+    return Launch((triton.cdiv(R, br),), dict(BLOCK_R=br, BLOCK_D=bd))
+
+
 def l2norm_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise L2 normalisation ``y = x / max(||x||, eps)``.
 
@@ -96,18 +107,20 @@ def l2norm_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]
     inv = torch.empty(R, dtype=acc, device=x.device)
     if R == 0:
         return y, inv
-    br, bd = row_tiles(R, D)
-    _l2norm_fwd_kernel[(triton.cdiv(R, br),)](x, scalar(eps, acc, x.device), y, inv, R, D, BLOCK_R=br, BLOCK_D=bd)
+    launch("l2norm_fwd", _l2norm_fwd_kernel, rows_launch(R, D), x, scalar(eps, acc, x.device), y, inv, R, D)
     return y, inv
 
 
-def l2norm_bwd(dy: torch.Tensor, y: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
-    """Gradient of l2norm_fwd: ``dx = inv_norm * (dy - y * <dy, y>)`` per row.
+def l2norm_bwd(dy: torch.Tensor, y: torch.Tensor, inv_norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gradient of l2norm_fwd: ``dx = inv_norm * (dy - y * <dy, y>)`` per row, ``dx = dy / eps`` for rows whose
+    norm the forward clamped at eps, |x| <= eps (told apart by inv_norm = 1 / eps, as in csrc/common/rows.h).
 
     Args:
-        dy: [R, D] upstream gradient (any strides, e.g. zero-stride from ``.sum().backward()``).
+        dy: [R, D] upstream gradient in any float dtype, read in the accumulation dtype (an fp32 gradient of
+            fp16 rows keeps its precision); any strides, e.g. zero-stride from ``.sum().backward()``.
         y: [R, D] l2norm_fwd's output.
         inv_norm: [R] l2norm_fwd's inverse norms.
+        eps: the eps given to l2norm_fwd.
 
     Returns:
         dx [R, D] in the accumulation dtype of y.
@@ -118,12 +131,14 @@ def l2norm_bwd(dy: torch.Tensor, y: torch.Tensor, inv_norm: torch.Tensor) -> tor
     inv_norm = check_float(fn, "inv_norm", inv_norm, 1)
     check_same(fn, "y", y, "dy", dy, shape=tuple(y.shape), same_dtype=False)
     check_same(fn, "y", y, "inv_norm", inv_norm, shape=(y.shape[0],), same_dtype=False)
+    if not eps > 0:
+        raise ValueError(f"{fn}: eps must be > 0, got {eps}")
     R, D = y.shape
     dx = torch.empty((R, D), dtype=acc_dtype(y), device=y.device)
     if R == 0:
         return dx
-    br, bd = row_tiles(R, D)
-    _l2norm_bwd_kernel[(triton.cdiv(R, br),)](dy, y, inv_norm, dx, R, D, BLOCK_R=br, BLOCK_D=bd)
+    launch("l2norm_bwd", _l2norm_bwd_kernel, rows_launch(R, D), dy, y, inv_norm, scalar(eps, acc_dtype(y), y.device),
+           dx, R, D)
     return dx
 
 
@@ -148,6 +163,5 @@ def mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     out = torch.empty((R, D), dtype=acc, device=a.device)
     if R == 0:
         return out
-    br, bd = row_tiles(R, D)
-    _mix_kernel[(triton.cdiv(R, br),)](a, b, lam, scalar(MIX_EPS, acc, a.device), out, R, D, BLOCK_R=br, BLOCK_D=bd)
+    launch("mix", _mix_kernel, rows_launch(R, D), a, b, lam, scalar(MIX_EPS, acc, a.device), out, R, D)
     return out

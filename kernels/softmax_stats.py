@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_dtype, check_features, cos_tile, dot_precision, dot_tiles, nan_of,
-                      online_lse_step, upcast_dot)
+from ._common import (Launch, acc_dtype, check_features, constants_on, cos_tile, dot_precision, dot_tiles,
+                      launch, nan_of, online_lse_step, upcast_dot)
 
 
 @triton.jit
@@ -17,8 +17,10 @@ def _segment_stats_kernel(img_ptr, txt_ptr, offsets_ptr, scales_ptr, max_ptr, mi
                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     ACC: tl.constexpr = max_ptr.dtype.element_ty
-    seg = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # one grid axis (S can pass axis 1's 65535): row tiles vary fastest, so neighbours share a segment's text
+    row_tiles = tl.cdiv(B, BLOCK_B)
+    seg = tl.program_id(0) // row_tiles
+    rows = (tl.program_id(0) % row_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     start = tl.load(offsets_ptr + seg)
     end = tl.load(offsets_ptr + seg + 1)
@@ -41,6 +43,18 @@ def _segment_stats_kernel(img_ptr, txt_ptr, offsets_ptr, scales_ptr, max_ptr, mi
     tl.store(max_ptr + out, run_max + nan, mask=row_mask)
     tl.store(min_ptr + out, run_min + nan, mask=row_mask)
     tl.store(lse_ptr + out, run_max + tl.log(total), mask=row_mask)
+
+
+def segment_stats_launch(B: int, widest: int, D: int, S: int, dtype: torch.dtype) -> Launch:
+    """The launch of ``segment_stats`` for img [B, D] in ``dtype`` and S segments of at most ``widest`` columns.
+
+    No fused multiply-add: z = scale * cos must round as on the other backends, where the max term of the
+    logsumexp is exp(0) = 1 exactly (an FMA would give exp of scale * cos's rounding error).
+    """
+    bb, bn, bd = dot_tiles(B, widest, D, dtype)
+    return Launch((triton.cdiv(B, bb) * S,),
+                  dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, UPCAST=upcast_dot(dtype), PRECISION=dot_precision(dtype)),
+                  dict(enable_fp_fusion=False))
 
 
 def segment_stats(img: torch.Tensor, txt: torch.Tensor, seg_offsets: Sequence[int],
@@ -72,10 +86,8 @@ def segment_stats(img: torch.Tensor, txt: torch.Tensor, seg_offsets: Sequence[in
     if B == 0:
         return stats
     widest = max(hi - lo for lo, hi in zip(offsets, offsets[1:]))
-    bb, bn, bd = dot_tiles(B, widest, D, acc)
-    offsets_t = torch.tensor(offsets, dtype=torch.int32, device=img.device)
-    scales_t = torch.tensor(scales, dtype=acc, device=img.device)
-    _segment_stats_kernel[(triton.cdiv(B, bb), S)](img, txt, offsets_t, scales_t, *stats, B, D, S,
-                                                    BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
-                                                    UPCAST=upcast_dot(img.dtype), PRECISION=dot_precision(img.dtype))
+    offsets_t = constants_on(offsets, torch.int32, img.device)
+    scales_t = constants_on(scales, acc, img.device)
+    launch("segment_stats", _segment_stats_kernel, segment_stats_launch(B, widest, D, S, img.dtype),
+           img, txt, offsets_t, scales_t, *stats, B, D, S)
     return stats

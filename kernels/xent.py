@@ -1,4 +1,5 @@
-"""Cross-entropy over scaled cosine logits with index, uniform or dense targets, fused with the cosine tiles."""
+"""Cross-entropy over scaled cosine logits with index, uniform or dense targets, and the multi-label soft margin,
+fused with the cosine tiles."""
 
 from __future__ import annotations
 
@@ -6,36 +7,62 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_dtype, check_features, check_float, check_same, cos_tile, dot_precision, dot_tiles,
-                      online_lse_step, scalar, upcast_dot)
+from ._common import (Launch, acc_dtype, check_features, check_float, check_labels, check_same, cos_tile,
+                      dot_precision, dot_tiles, launch, online_lse_step, scalar, upcast_dot)
 
 XENT_INDEX = 0  # w[b, n] = 1 if n == labels[b]
 XENT_UNIFORM = 1  # w[b, n] = 1 / N
 XENT_DENSE = 2  # w = targets [B, N]
+XENT_MULTILABEL = 3  # multi-label soft margin, y[b, n] = 1 if n // group == labels[b]
+_KINDS = (XENT_INDEX, XENT_UNIFORM, XENT_DENSE, XENT_MULTILABEL)
+_LABELLED = (XENT_INDEX, XENT_MULTILABEL)
 
 
 @triton.jit
-def _xent_fwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, loss_ptr, lse_ptr, B, N, D,
+def _softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), with log1p(e) = log(u) * e / (u - 1), u = 1 + e (exact where u
+    rounds to 1): no overflow, no cancellation, and no log1p needed from the backend."""
+    e = tl.exp(-tl.abs(x))
+    u = 1.0 + e
+    log1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.where(x > 0, x, 0.0) + log1p
+
+
+@triton.jit
+def _sigmoid(x):
+    """1 / (1 + e^-x) from e^-|x|, so that neither sign overflows."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x < 0, e, 1.0) / (1.0 + e)
+
+
+@triton.jit
+def _xent_fwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, loss_ptr, lse_ptr, B, N, D, GROUP,
                      KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     scale = tl.load(scale_ptr)
-    if KIND == 0:
+    if KIND == 0 or KIND == 3:
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     run_max = tl.full((BLOCK_B,), float("-inf"), ACC)
     total = tl.zeros((BLOCK_B,), ACC)
-    weighted = tl.zeros((BLOCK_B,), ACC)  # sum_n w[b, n] z[b, n]
+    weighted = tl.zeros((BLOCK_B,), ACC)  # sum_n w[b, n] z[b, n]; multilabel: sum_n softplus(z) - y z
     mass = tl.zeros((BLOCK_B,), ACC)  # a[b] = sum_n w[b, n], accumulated for dense targets only
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         z = scale * cos_tile(img_ptr, txt_ptr, rows, cols, row_mask, col_mask, D,
                              BLOCK_B, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
-        run_max, total = online_lse_step(run_max, total, tl.where(col_mask[None, :], z, float("-inf")))
+        if KIND != 3:
+            run_max, total = online_lse_step(run_max, total, tl.where(col_mask[None, :], z, float("-inf")))
         z = tl.where(col_mask[None, :], z, 0.0)
-        if KIND == 0:
+        if KIND == 3:
+            # softplus(z) - y z = softplus(-z) where y = 1: no cancellation
+            in_group = (cols[None, :] // GROUP) == labels[:, None]
+            terms = _softplus(tl.where(in_group, -z, z))
+            weighted += tl.sum(tl.where(col_mask[None, :], terms, 0.0), 1)
+        elif KIND == 0:
             weighted += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
         elif KIND == 1:
             weighted += tl.sum(z, 1)
@@ -44,65 +71,80 @@ def _xent_fwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, loss_
             w = tl.load(targets_ptr + w_offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(ACC)
             weighted += tl.sum(w * z, 1)
             mass += tl.sum(w, 1)
-    lse = run_max + tl.log(total)
-    if KIND == 0:
-        loss = lse - weighted
-    elif KIND == 1:
-        loss = lse - weighted / tl.cast(N, ACC)
+    if KIND == 3:
+        lse = tl.zeros((BLOCK_B,), ACC)  # the multilabel backward needs no row statistic
+        loss = weighted / tl.cast(N, ACC)
     else:
-        loss = mass * lse - weighted
+        lse = run_max + tl.log(total)
+        if KIND == 0:
+            loss = lse - weighted
+        elif KIND == 1:
+            loss = lse - weighted / tl.cast(N, ACC)
+        else:
+            loss = mass * lse - weighted
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
 
 
 @triton.jit
 def _xent_bwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, mass_ptr, lse_ptr, grad_ptr, dcos_ptr,
-                     B, N, D, KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                     B, N, D, GROUP, KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     ACC: tl.constexpr = dcos_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # one grid axis (axes 1 and 2 stop at 65535): row tiles vary fastest, so neighbours share a text tile
+    row_tiles = tl.cdiv(B, BLOCK_B)
+    rows = (tl.program_id(0) % row_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = (tl.program_id(0) // row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < B
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
     scale = tl.load(scale_ptr)
     z = scale * cos_tile(img_ptr, txt_ptr, rows, cols, row_mask, col_mask, D,
                          BLOCK_B, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(ACC)
-    prob = tl.exp(z - lse[:, None])
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    if KIND == 0:
+    if KIND == 3:
+        # sigmoid(z) - y = s * sigmoid(s z) with s = 1 - 2 y, exact for large |z| on either side
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-        d = prob - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
-    elif KIND == 1:
-        d = prob - 1.0 / tl.cast(N, ACC)
+        sign = tl.where((cols[None, :] // GROUP) == labels[:, None], -1.0, 1.0)
+        d = sign * _sigmoid(sign * z) / tl.cast(N, ACC)
     else:
-        w = tl.load(targets_ptr + offs, mask=mask, other=0.0).to(ACC)
-        mass = tl.load(mass_ptr + rows, mask=row_mask, other=0.0)
-        d = mass[:, None] * prob - w
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        prob = tl.exp(z - lse[:, None])
+        if KIND == 0:
+            labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+            d = prob - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+        elif KIND == 1:
+            d = prob - 1.0 / tl.cast(N, ACC)
+        else:
+            w = tl.load(targets_ptr + offs, mask=mask, other=0.0).to(ACC)
+            mass = tl.load(mass_ptr + rows, mask=row_mask, other=0.0)
+            d = mass[:, None] * prob - w
     tl.store(dcos_ptr + offs, (grad * scale)[:, None] * d, mask=mask)
 
 
 def _check_weights(fn: str, img: torch.Tensor, N: int, kind: int, labels: torch.Tensor | None,
-                   targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                   targets: torch.Tensor | None, group: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Validate the target arguments for ``kind`` and return them contiguous."""
     B = img.shape[0]
-    if kind not in (XENT_INDEX, XENT_UNIFORM, XENT_DENSE):
-        raise ValueError(f"{fn}: kind must be 0 (index), 1 (uniform) or 2 (dense), got {kind}")
+    if kind not in _KINDS:
+        raise ValueError(f"{fn}: kind must be 0 (index), 1 (uniform), 2 (dense) or 3 (multilabel), got {kind}")
     if N == 0:
         raise ValueError(f"{fn}: txt has no rows: cross-entropy needs at least one class")
-    if (labels is not None) != (kind == XENT_INDEX) or (targets is not None) != (kind == XENT_DENSE):
-        wanted = ("labels", "neither labels nor targets", "targets")[kind]
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"{fn}: group must be an int >= 1, got {group!r}")
+    if kind == XENT_MULTILABEL and N % group:
+        raise ValueError(f"{fn}: N = {N} is not a multiple of group = {group}")
+    if (labels is not None) != (kind in _LABELLED) or (targets is not None) != (kind == XENT_DENSE):
+        wanted = ("labels", "neither labels nor targets", "targets", "labels")[kind]
         given = [name for name, t in (("labels", labels), ("targets", targets)) if t is not None]
         raise ValueError(f"{fn}: kind {kind} takes {wanted}, got {' and '.join(given) or 'neither'}")
     if labels is not None:
         if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{fn}: labels must be an int64 or int32 tensor")
         check_same(fn, "img", img, "labels", labels, shape=(B,), same_dtype=False)
-        if B and bool(((labels < 0) | (labels >= N)).any()):
-            lo, hi = int(labels.min()), int(labels.max())
-            raise ValueError(f"{fn}: labels must lie in [0, {N}), got values in [{lo}, {hi}]")
+        classes = N if kind == XENT_INDEX else N // group  # multilabel labels name a group of columns
+        check_labels(fn, labels, classes)
         labels = labels.contiguous()
     if targets is not None:
         targets = check_float(fn, "targets", targets, 2)
@@ -110,50 +152,67 @@ def _check_weights(fn: str, img: torch.Tensor, N: int, kind: int, labels: torch.
     return labels, targets
 
 
+def xent_launch(B: int, N: int, D: int, dtype: torch.dtype, kind: int, backward: bool) -> Launch:
+    """The launch of ``xent_fwd`` (one program a row tile) or ``xent_bwd`` (one a [row, column] tile).
+
+    No fused multiply-add: the forward and the backward must round z = scale * cos alike (and alike the other
+    backends), or exp(z - lse) drifts from 1 where the softmax is one-hot.
+    """
+    bb, bn, bd = dot_tiles(B, N, D, dtype)
+    grid = (triton.cdiv(B, bb) * triton.cdiv(N, bn),) if backward else (triton.cdiv(B, bb),)
+    # 8 warps: the forward's running row statistics (and the dense kind's target tile) fit beside the cosine tile
+    # without spilling; the backward takes the same tiles and warps, so its cosines sum in the forward's order
+    return Launch(grid, dict(KIND=kind, BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, UPCAST=upcast_dot(dtype),
+                             PRECISION=dot_precision(dtype)), dict(num_warps=8, enable_fp_fusion=False))
+
+
 def xent_fwd(img: torch.Tensor, txt: torch.Tensor, scale: float, kind: int, labels: torch.Tensor | None = None,
-             targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             targets: torch.Tensor | None = None, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy over ``z = scale * img @ txt.T`` without writing z.
 
     ``loss[b] = a[b] * lse[b] - sum_n w[b, n] z[b, n]`` with ``a[b] = sum_n w[b, n]`` and w set by ``kind``:
-    0 index (``labels``), 1 uniform 1/N, 2 dense (``targets``).
+    0 index (``labels``), 1 uniform 1/N, 2 dense (``targets``). Kind 3 is the multi-label soft margin
+    ``loss[b] = (1/N) sum_n softplus(z[b, n]) - y[b, n] z[b, n]`` with ``y[b, n] = 1`` iff
+    ``n // group == labels[b]``.
 
     Args:
         img: [B, D] unit-norm image features (fp16/bf16/fp32/fp64).
         txt: [N, D] unit-norm text features, same dtype and device, N >= 1.
         scale: logit scale.
-        kind: XENT_INDEX, XENT_UNIFORM or XENT_DENSE.
-        labels: [B] int64 class indices in [0, N) for kind 0, else None.
+        kind: XENT_INDEX, XENT_UNIFORM, XENT_DENSE or XENT_MULTILABEL.
+        labels: [B] int64 class indices, in [0, N) for kind 0 and in [0, N // group) for kind 3, else None.
         targets: [B, N] float weights for kind 2, else None.
+        group: columns per label group for kind 3 (N must be a multiple); ignored by the other kinds.
 
     Returns:
-        (loss [B], lse [B]) in the accumulation dtype; lse is what xent_bwd needs.
+        (loss [B], lse [B]) in the accumulation dtype; lse is what xent_bwd needs (zeros for kind 3, whose
+        backward needs no row statistic).
     """
     img, txt = check_features("xent_fwd", img, txt)
     (B, D), N = img.shape, txt.shape[0]
-    labels, targets = _check_weights("xent_fwd", img, N, kind, labels, targets)
+    labels, targets = _check_weights("xent_fwd", img, N, kind, labels, targets, group)
     acc = acc_dtype(img)
     loss = torch.empty(B, dtype=acc, device=img.device)
     lse = torch.empty(B, dtype=acc, device=img.device)
     if B == 0:
         return loss, lse
-    bb, bn, bd = dot_tiles(B, N, D, acc)
-    _xent_fwd_kernel[(triton.cdiv(B, bb),)](img, txt, scalar(scale, acc, img.device),
-                                            labels if labels is not None else img,
-                                            targets if targets is not None else img,
-                                            loss, lse, B, N, D, KIND=kind, BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
-                                            UPCAST=upcast_dot(img.dtype), PRECISION=dot_precision(img.dtype))
+    launch("xent_fwd", _xent_fwd_kernel, xent_launch(B, N, D, img.dtype, kind, backward=False),
+           img, txt, scalar(scale, acc, img.device), labels if labels is not None else img,
+           targets if targets is not None else img, loss, lse, B, N, D, group)
     return loss, lse
 
 
 def xent_bwd(img: torch.Tensor, txt: torch.Tensor, scale: float, kind: int, labels: torch.Tensor | None,
-             targets: torch.Tensor | None, lse: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+             targets: torch.Tensor | None, lse: torch.Tensor, grad_loss: torch.Tensor,
+             group: int = 1) -> torch.Tensor:
     """Gradient of xent_fwd's loss with respect to the cosines, recomputing the cosine tiles.
 
-    ``dcos[b, n] = grad_loss[b] * scale * (a[b] * exp(z[b, n] - lse[b]) - w[b, n])``; the caller turns it into
-    feature gradients with two matmuls.
+    ``dcos[b, n] = grad_loss[b] * scale * (a[b] * exp(z[b, n] - lse[b]) - w[b, n])`` (kind 3:
+    ``grad_loss[b] * scale * (sigmoid(z[b, n]) - y[b, n]) / N``); the caller turns it into feature gradients with
+    two matmuls.
 
     Args:
-        img, txt, scale, kind, labels, targets: as given to xent_fwd.
+        img, txt, scale, kind, labels, targets, group: as given to xent_fwd.
         lse: [B] from xent_fwd.
         grad_loss: [B] upstream gradient of the per-row loss (any strides).
 
@@ -162,7 +221,7 @@ def xent_bwd(img: torch.Tensor, txt: torch.Tensor, scale: float, kind: int, labe
     """
     img, txt = check_features("xent_bwd", img, txt)
     (B, D), N = img.shape, txt.shape[0]
-    labels, targets = _check_weights("xent_bwd", img, N, kind, labels, targets)
+    labels, targets = _check_weights("xent_bwd", img, N, kind, labels, targets, group)
     lse = check_float("xent_bwd", "lse", lse, 1)
     grad_loss = check_float("xent_bwd", "grad_loss", grad_loss, 1)
     check_same("xent_bwd", "img", img, "lse", lse, shape=(B,), same_dtype=False)
@@ -172,10 +231,7 @@ def xent_bwd(img: torch.Tensor, txt: torch.Tensor, scale: float, kind: int, labe
     if B == 0:
         return dcos
     mass = targets.to(acc).sum(1) if targets is not None else img
-    bb, bn, bd = dot_tiles(B, N, D, acc)
-    _xent_bwd_kernel[(triton.cdiv(B, bb), triton.cdiv(N, bn))](
-        img, txt, scalar(scale, acc, img.device), labels if labels is not None else img,
-        targets if targets is not None else img, mass, lse, grad_loss, dcos, B, N, D,
-        KIND=kind, BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
-        UPCAST=upcast_dot(img.dtype), PRECISION=dot_precision(img.dtype))
+    launch("xent_bwd", _xent_bwd_kernel, xent_launch(B, N, D, img.dtype, kind, backward=True),
+           img, txt, scalar(scale, acc, img.device), labels if labels is not None else img,
+           targets if targets is not None else img, mass, lse, grad_loss, dcos, B, N, D, group)
     return dcos

@@ -33,8 +33,8 @@ inline const char* dtype_name(int dtype) {
 }
 
 inline void require_kind(const char* fn, int kind) {
-  if (kind < 0 || kind > 2)
-    invalid(fn, "kind must be 0 (index), 1 (uniform) or 2 (dense), got " + std::to_string(kind));
+  if (kind < 0 || kind > 3)
+    invalid(fn, "kind must be 0 (index), 1 (uniform), 2 (dense) or 3 (multilabel), got " + std::to_string(kind));
 }
 
 inline void require_mode(const char* fn, int mode) {

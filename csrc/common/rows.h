@@ -15,11 +15,11 @@ template <class A> PK_HD A l2_clamped_norm(A sumsq, A eps) {
   return norm < eps ? eps : norm;
 }
 
-// Whether a row's forward clamped its norm at eps, judged from the unit row y alone (the backward gets no eps):
-// a clamped row has |y|^2 = (|x| / eps)^2 < 1, an unclamped one |y|^2 = 1 up to rounding (under 2^-7 even for
-// bfloat16 rows). Only rows with 0.984 eps <= |x| < eps fall on the wrong side of the cut and get the unclamped
-// gradient.
-template <class A> PK_HD bool l2_was_clamped(A y_sumsq) { return y_sumsq < A(1) - A(1) / A(32); }
+// Whether a row's forward clamped its norm at eps, judged from its inv_norm: a clamped row has inv_norm = 1 / eps,
+// the very value computed here (the forward's A(1) / l2_clamped_norm), an unclamped one 1 / |x| < 1 / eps. As
+// torch.nn.functional.normalize's clamp_min, a norm of exactly eps counts as clamped (its gradient is dy / eps);
+// only norms within rounding of eps, where 1 / |x| rounds to 1 / eps, differ from torch. A NaN row is unclamped.
+template <class A> PK_HD bool l2_was_clamped(A inv_norm, A eps) { return inv_norm >= A(1) / eps; }
 
 // dx_d from dy_d, y_d, the row's inv_norm and dot = <dy, y>.
 template <class A> PK_HD A l2_grad(A dy, A y, A inv_norm, A dot, bool clamped) {

@@ -12,21 +12,24 @@ namespace pk::cpu {
 void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::int64_t* seg_offsets,
                    const void* seg_scales, std::int64_t S, void* out_max, void* out_min, void* out_lse, int dtype);
 
-// cos [B, N]; kind 0: labels int64 [B]; kind 1: uniform; kind 2: targets [B, N]. Writes out_loss, out_lse [B].
+// cos [B, N]; kind 0: labels int64 [B]; kind 1: uniform; kind 2: targets [B, N]; kind 3 (multilabel soft
+// margin): labels int64 [B] in [0, N / group), y_bn = 1 iff n / group == labels[b]. Writes out_loss, out_lse [B]
+// (out_lse is 0 for kind 3, whose backward needs no row statistic).
 void xent_fwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int kind, const std::int64_t* labels,
-              const void* targets, void* out_loss, void* out_lse, int dtype);
+              const void* targets, void* out_loss, void* out_lse, int dtype, std::int64_t group);
 
 // As xent_fwd plus lse [B] (from the forward) and grad_loss [B]; writes out_dcos [B, N].
 void xent_bwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int kind, const std::int64_t* labels,
-              const void* targets, const void* lse, const void* grad_loss, void* out_dcos, int dtype);
+              const void* targets, const void* lse, const void* grad_loss, void* out_dcos, int dtype,
+              std::int64_t group);
 
 // x [R, D] -> out_y [R, D] = x / max(|x|, eps), out_inv_norm [R].
 void l2norm_fwd(const void* x, std::int64_t R, std::int64_t D, double eps, void* out_y, void* out_inv_norm,
                 int dtype);
 
-// dy, y [R, D], inv_norm [R] -> out_dx [R, D].
-void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_t R, std::int64_t D, void* out_dx,
-                int dtype);
+// dy, y [R, D], inv_norm [R] and the forward's eps -> out_dx [R, D].
+void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_t R, std::int64_t D, double eps,
+                void* out_dx, int dtype);
 
 // a, b [B, D], lam [B] -> out [B, D] = normalize(lam * a + (1 - lam) * b).
 void mix(const void* a, const void* b, const void* lam, std::int64_t B, std::int64_t D, void* out, int dtype);

@@ -23,18 +23,13 @@ template <class A> PK_CPU_CLONES void l2norm_fwd_rows(const A* x, std::int64_t D
 }
 
 template <class A> PK_CPU_CLONES void l2norm_bwd_rows(const A* dy, const A* y, const A* inv_norm, std::int64_t D,
-                                                      std::int64_t begin, std::int64_t end, A* dx) {
+                                                      A eps, std::int64_t begin, std::int64_t end, A* dx) {
   for (std::int64_t r = begin; r < end; ++r) {
     const A *dyr = dy + r * D, *yr = y + r * D;
     A* dxr = dx + r * D;
-    A dot_dy = 0, sumsq = 0;
-#pragma omp simd reduction(+ : dot_dy, sumsq)
-    for (std::int64_t d = 0; d < D; ++d) {
-      dot_dy += dyr[d] * yr[d];
-      sumsq += yr[d] * yr[d];
-    }
-    const bool clamped = l2_was_clamped(sumsq);
+    const A dot_dy = dot(dyr, yr, D);
     const A inv = inv_norm[r];
+    const bool clamped = l2_was_clamped(inv, eps);
 #pragma omp simd
     for (std::int64_t d = 0; d < D; ++d) dxr[d] = l2_grad(dyr[d], yr[d], inv, dot_dy, clamped);
   }
@@ -119,12 +114,13 @@ void l2norm_fwd(const void* x, std::int64_t R, std::int64_t D, double eps, void*
   });
 }
 
-void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_t R, std::int64_t D, void* out_dx,
-                int dtype) {
+void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_t R, std::int64_t D, double eps,
+                void* out_dx, int dtype) {
   const char* fn = "l2norm_bwd_cpu";
   dispatch_dtype(fn, dtype, [&](auto tag) {
     using A = decltype(tag);
     check_rows(fn, R, D);
+    if (!(eps > 0)) invalid(fn, "eps must be > 0, got " + std::to_string(eps));
     if (R == 0) return;
     require_ptr(fn, "dy", dy);
     require_ptr(fn, "y", y);
@@ -132,7 +128,7 @@ void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_
     require_ptr(fn, "out_dx", out_dx);
     parallel_ranges(R, R * D, [&](std::int64_t begin, std::int64_t end) {
       l2norm_bwd_rows<A>(static_cast<const A*>(dy), static_cast<const A*>(y), static_cast<const A*>(inv_norm), D,
-                         begin, end, static_cast<A*>(out_dx));
+                         A(eps), begin, end, static_cast<A*>(out_dx));
     });
   });
 }

@@ -1,5 +1,6 @@
 // CPU segment_stats, xent_fwd and xent_bwd: one pass over each row of the precomputed cosine matrix, folded
-// into the online max / sum-exp state chunk by chunk (a chunk's max pass and exp pass both hit L1).
+// into the online max / sum-exp state chunk by chunk (a chunk's max pass and exp pass both hit L1). The
+// multilabel kind has no softmax: one vector pass of independent per-column terms.
 #include <algorithm>
 #include <string>
 
@@ -93,18 +94,52 @@ template <class A, int KIND> PK_CPU_CLONES void xent_bwd_rows(const A* cos, std:
   }
 }
 
+template <class A> PK_CPU_CLONES void multilabel_fwd_rows(const A* cos, std::int64_t N, std::int64_t begin,
+                                                           std::int64_t end, A scale, const std::int64_t* labels,
+                                                           std::int64_t group, A* out_loss, A* out_lse) {
+  for (std::int64_t b = begin; b < end; ++b) {
+    const A* row = cos + b * N;
+    const GroupCols cols = multilabel_cols(labels[b], group);
+    A sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (std::int64_t n = 0; n < N; ++n) sum += multilabel_term(mul_rn(scale, row[n]), multilabel_sign<A>(n, cols));
+    out_loss[b] = sum / A(N);
+    out_lse[b] = A(0);  // the multilabel backward needs no row statistic
+  }
+}
+
+template <class A> PK_CPU_CLONES void multilabel_bwd_rows(const A* cos, std::int64_t N, std::int64_t begin,
+                                                           std::int64_t end, A scale, const std::int64_t* labels,
+                                                           std::int64_t group, const A* grad_loss, A* out_dcos) {
+  for (std::int64_t b = begin; b < end; ++b) {
+    const A* row = cos + b * N;
+    const GroupCols cols = multilabel_cols(labels[b], group);
+    const A grad_scale = grad_loss[b] * scale / A(N);
+    A* out = out_dcos + b * N;
+#pragma omp simd
+    for (std::int64_t n = 0; n < N; ++n)
+      out[n] = multilabel_dcos(grad_scale, mul_rn(scale, row[n]), multilabel_sign<A>(n, cols));
+  }
+}
+
 void check_xent(const char* fn, const void* cos, std::int64_t B, std::int64_t N, int kind,
-                const std::int64_t* labels, const void* targets) {
+                const std::int64_t* labels, const void* targets, std::int64_t group) {
   require_at_least(fn, "B", B, 0);
   require_at_least(fn, "N", N, 1);
   require_kind(fn, kind);
+  require_at_least(fn, "group", group, 1);
+  if (kind == kXentMultilabel && N % group != 0)
+    invalid(fn, "N = " + std::to_string(N) + " is not a multiple of group = " + std::to_string(group));
   if (B > 0) require_ptr(fn, "cos", cos);
-  if (kind == kXentIndex && B > 0) {
+  if ((kind == kXentIndex || kind == kXentMultilabel) && B > 0) {
+    // index labels name a column, multilabel labels a group of columns
+    const std::int64_t classes = kind == kXentIndex ? N : N / group;
+    const std::string bound = kind == kXentIndex ? "N = " : "N / group = ";
     require_ptr(fn, "labels", labels);
     for (std::int64_t b = 0; b < B; ++b)
-      if (labels[b] < 0 || labels[b] >= N)
-        invalid(fn, "labels[" + std::to_string(b) + "] = " + std::to_string(labels[b]) + " is outside [0, N = " +
-                        std::to_string(N) + ")");
+      if (labels[b] < 0 || labels[b] >= classes)
+        invalid(fn, "labels[" + std::to_string(b) + "] = " + std::to_string(labels[b]) + " is outside [0, " + bound +
+                        std::to_string(classes) + ")");
   }
   if (kind == kXentDense && B > 0) require_ptr(fn, "targets", targets);
 }
@@ -142,14 +177,21 @@ void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::i
 }
 
 void xent_fwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int kind, const std::int64_t* labels,
-              const void* targets, void* out_loss, void* out_lse, int dtype) {
+              const void* targets, void* out_loss, void* out_lse, int dtype, std::int64_t group) {
   const char* fn = "xent_fwd_cpu";
   dispatch_dtype(fn, dtype, [&](auto tag) {
     using A = decltype(tag);
-    check_xent(fn, cos, B, N, kind, labels, targets);
+    check_xent(fn, cos, B, N, kind, labels, targets, group);
     if (B > 0) {
       require_ptr(fn, "out_loss", out_loss);
       require_ptr(fn, "out_lse", out_lse);
+    }
+    if (kind == kXentMultilabel) {
+      parallel_ranges(B, B * N, [&](std::int64_t begin, std::int64_t end) {
+        multilabel_fwd_rows<A>(static_cast<const A*>(cos), N, begin, end, A(scale), labels, group,
+                               static_cast<A*>(out_loss), static_cast<A*>(out_lse));
+      });
+      return;
     }
     dispatch_kind(fn, kind, [&](auto kind_tag) {
       parallel_ranges(B, B * N, [&](std::int64_t begin, std::int64_t end) {
@@ -162,15 +204,23 @@ void xent_fwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int
 }
 
 void xent_bwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int kind, const std::int64_t* labels,
-              const void* targets, const void* lse, const void* grad_loss, void* out_dcos, int dtype) {
+              const void* targets, const void* lse, const void* grad_loss, void* out_dcos, int dtype,
+              std::int64_t group) {
   const char* fn = "xent_bwd_cpu";
   dispatch_dtype(fn, dtype, [&](auto tag) {
     using A = decltype(tag);
-    check_xent(fn, cos, B, N, kind, labels, targets);
+    check_xent(fn, cos, B, N, kind, labels, targets, group);
     if (B > 0) {
       require_ptr(fn, "lse", lse);
       require_ptr(fn, "grad_loss", grad_loss);
       require_ptr(fn, "out_dcos", out_dcos);
+    }
+    if (kind == kXentMultilabel) {
+      parallel_ranges(B, B * N, [&](std::int64_t begin, std::int64_t end) {
+        multilabel_bwd_rows<A>(static_cast<const A*>(cos), N, begin, end, A(scale), labels, group,
+                               static_cast<const A*>(grad_loss), static_cast<A*>(out_dcos));
+      });
+      return;
     }
     dispatch_kind(fn, kind, [&](auto kind_tag) {
       parallel_ranges(B, B * N, [&](std::int64_t begin, std::int64_t end) {

@@ -21,20 +21,21 @@ void segment_stats(const void* img, const void* txt, std::int64_t B, std::int64_
                    const std::int64_t* seg_offsets, const void* seg_scales, std::int64_t S, void* out_max,
                    void* out_min, void* out_lse, int dtype, Stream stream);
 
-// pk::cpu::xent_fwd on cos = img @ txt^T (tiles, never stored). A label outside [0, N) gives a NaN loss.
+// pk::cpu::xent_fwd on cos = img @ txt^T (tiles, never stored). A label outside [0, N) (kind 3: [0, N / group))
+// gives a NaN loss.
 void xent_fwd(const void* img, const void* txt, std::int64_t B, std::int64_t N, std::int64_t D, double scale,
               int kind, const std::int64_t* labels, const void* targets, void* out_loss, void* out_lse, int dtype,
-              Stream stream);
+              Stream stream, std::int64_t group);
 
-// pk::cpu::xent_bwd on cos = img @ txt^T; writes out_dcos [B, N]. A label outside [0, N) gives a NaN row.
+// pk::cpu::xent_bwd on cos = img @ txt^T; writes out_dcos [B, N]. A label out of range gives a NaN row.
 void xent_bwd(const void* img, const void* txt, std::int64_t B, std::int64_t N, std::int64_t D, double scale,
               int kind, const std::int64_t* labels, const void* targets, const void* lse, const void* grad_loss,
-              void* out_dcos, int dtype, Stream stream);
+              void* out_dcos, int dtype, Stream stream, std::int64_t group);
 
 void l2norm_fwd(const void* x, std::int64_t R, std::int64_t D, double eps, void* out_y, void* out_inv_norm,
                 int dtype, Stream stream);
-void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_t R, std::int64_t D, void* out_dx,
-                int dtype, Stream stream);
+void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_t R, std::int64_t D, double eps,
+                void* out_dx, int dtype, Stream stream);
 void mix(const void* a, const void* b, const void* lam, std::int64_t B, std::int64_t D, void* out, int dtype,
          Stream stream);
 void ortho_fwd(const void* yn, std::int64_t C, std::int64_t K, std::int64_t D, int mode, void* out_loss, int dtype,

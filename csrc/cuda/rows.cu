@@ -37,13 +37,13 @@ __global__ void __launch_bounds__(kRowThreads) l2norm_fwd_kernel(const T* __rest
 template <class T, class A>
 __global__ void __launch_bounds__(kRowThreads) l2norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ y,
                                                                  const A* __restrict__ inv_norm, std::int64_t R,
-                                                                 std::int64_t D, A* __restrict__ dx) {
+                                                                 std::int64_t D, A eps, A* __restrict__ dx) {
   const std::int64_t r = warp_row();
   if (r >= R) return;
   const T *dyr = dy + r * D, *yr = y + r * D;
   const A dot = warp_dot<T, A>(dyr, yr, D);
-  const bool clamped = l2_was_clamped(warp_dot<T, A>(yr, yr, D));
   const A inv = inv_norm[r];
+  const bool clamped = l2_was_clamped(inv, eps);
   for (std::int64_t d = threadIdx.x % kWarp; d < D; d += kWarp)
     dx[r * D + d] = l2_grad(to_acc(dyr[d]), to_acc(yr[d]), inv, dot, clamped);
 }
@@ -142,10 +142,11 @@ void l2norm_fwd(const void* x, std::int64_t R, std::int64_t D, double eps, void*
   });
 }
 
-void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_t R, std::int64_t D, void* out_dx,
-                int dtype, Stream stream) {
+void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_t R, std::int64_t D, double eps,
+                void* out_dx, int dtype, Stream stream) {
   const char* fn = "l2norm_bwd_cuda";
   check_rows(fn, R, D);
+  if (!(eps > 0)) invalid(fn, "eps must be > 0, got " + std::to_string(eps));
   if (R == 0) return;
   require_ptr(fn, "dy", dy);
   require_ptr(fn, "y", y);
@@ -156,7 +157,7 @@ void l2norm_bwd(const void* dy, const void* y, const void* inv_norm, std::int64_
     using A = acc_t<T>;
     DeviceGuard guard(fn, dy);
     l2norm_bwd_kernel<T, A><<<blocks_for(R, kRowsPerBlock), kRowThreads, 0, as_stream(stream)>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(y), static_cast<const A*>(inv_norm), R, D,
+        static_cast<const T*>(dy), static_cast<const T*>(y), static_cast<const A*>(inv_norm), R, D, A(eps),
         static_cast<A*>(out_dx));
     check_launch(fn);
   });

@@ -281,6 +281,81 @@ template <class A, int KIND> struct XentBwdEpilogue {
   __device__ void finish(int, const Coords&) {}
 };
 
+// kXentMultilabel: a per-thread sum of independent column terms, summed over the row group at the end.
+template <class A> struct MultilabelFwdEpilogue {
+  std::int64_t N, group;
+  A scale;
+  const std::int64_t* labels;
+  A *out_loss, *out_lse;
+  // per-thread state
+  std::int64_t label[kRowTile];
+  GroupCols cols[kRowTile];
+  A sum[kRowTile];
+
+  __device__ void begin(unsigned, const Coords& at, std::int64_t& col_begin, std::int64_t& col_end) {
+    col_begin = 0;
+    col_end = N;
+#pragma unroll
+    for (int i = 0; i < kRowTile; ++i) {
+      label[i] = at.row_ok[i] ? labels[at.row[i]] : -1;
+      cols[i] = multilabel_cols(label[i], group);
+      sum[i] = A(0);
+    }
+  }
+  __device__ void tile(const A (&acc)[kRowTile][kColTile], const Coords& at) {
+#pragma unroll
+    for (int i = 0; i < kRowTile; ++i)
+#pragma unroll
+      for (int j = 0; j < kColTile; ++j)
+        if (at.row_ok[i] && at.col_ok[j])
+          sum[i] += multilabel_term(mul_rn(scale, acc[i][j]), multilabel_sign<A>(at.col[j], cols[i]));
+  }
+  __device__ void finish(int tx, const Coords& at) {
+#pragma unroll
+    for (int i = 0; i < kRowTile; ++i) {
+      const A row_sum = group_sum<kGroup>(sum[i]);
+      if (tx == 0 && at.row_ok[i]) {
+        const bool bad_label = label[i] < 0 || label[i] >= N / group;
+        out_lse[at.row[i]] = A(0);  // the multilabel backward needs no row statistic
+        out_loss[at.row[i]] = bad_label ? quiet_nan<A>() : row_sum / A(N);
+      }
+    }
+  }
+};
+
+template <class A> struct MultilabelBwdEpilogue {
+  std::int64_t N, group;
+  A scale;
+  const std::int64_t* labels;
+  const A* grad_loss;
+  A* out_dcos;
+  // per-thread state
+  GroupCols cols[kRowTile];
+  A grad_scale[kRowTile];
+
+  __device__ void begin(unsigned, const Coords& at, std::int64_t& col_begin, std::int64_t& col_end) {
+    col_begin = 0;
+    col_end = N;
+#pragma unroll
+    for (int i = 0; i < kRowTile; ++i) {
+      const std::int64_t label = at.row_ok[i] ? labels[at.row[i]] : -1;
+      cols[i] = multilabel_cols(label, group);
+      grad_scale[i] = at.row_ok[i] ? grad_loss[at.row[i]] * scale / A(N) : A(0);
+      if (label < 0 || label >= N / group) grad_scale[i] = quiet_nan<A>();
+    }
+  }
+  __device__ void tile(const A (&acc)[kRowTile][kColTile], const Coords& at) {
+#pragma unroll
+    for (int i = 0; i < kRowTile; ++i)
+#pragma unroll
+      for (int j = 0; j < kColTile; ++j)
+        if (at.row_ok[i] && at.col_ok[j])
+          out_dcos[at.row[i] * N + at.col[j]] =
+              multilabel_dcos(grad_scale[i], mul_rn(scale, acc[i][j]), multilabel_sign<A>(at.col[j], cols[i]));
+  }
+  __device__ void finish(int, const Coords&) {}
+};
+
 template <class T, class Epilogue>
 void launch_tiled(const char* fn, const void* img, const void* txt, std::int64_t B, std::int64_t D, unsigned grid_y,
                   const Epilogue& epi, Stream stream) {
@@ -309,9 +384,13 @@ template <class F> void dispatch_kind(const char* fn, int kind, const F& f) {
   return f(std::integral_constant<int, kXentDense>{});
 }
 
-void check_xent(const char* fn, int kind, std::int64_t B, const std::int64_t* labels, const void* targets) {
+void check_xent(const char* fn, int kind, std::int64_t B, std::int64_t N, const std::int64_t* labels,
+                const void* targets, std::int64_t group) {
   require_kind(fn, kind);
-  if (B > 0 && kind == kXentIndex) require_ptr(fn, "labels", labels);
+  require_at_least(fn, "group", group, 1);
+  if (kind == kXentMultilabel && N % group != 0)
+    invalid(fn, "N = " + std::to_string(N) + " is not a multiple of group = " + std::to_string(group));
+  if (B > 0 && (kind == kXentIndex || kind == kXentMultilabel)) require_ptr(fn, "labels", labels);
   if (B > 0 && kind == kXentDense) require_ptr(fn, "targets", targets);
 }
 
@@ -361,10 +440,10 @@ void segment_stats(const void* img, const void* txt, std::int64_t B, std::int64_
 
 void xent_fwd(const void* img, const void* txt, std::int64_t B, std::int64_t N, std::int64_t D, double scale,
               int kind, const std::int64_t* labels, const void* targets, void* out_loss, void* out_lse, int dtype,
-              Stream stream) {
+              Stream stream, std::int64_t group) {
   const char* fn = "xent_fwd_cuda";
   check_features(fn, img, txt, B, N, D);
-  check_xent(fn, kind, B, labels, targets);
+  check_xent(fn, kind, B, N, labels, targets, group);
   if (B == 0) return;
   require_ptr(fn, "out_loss", out_loss);
   require_ptr(fn, "out_lse", out_lse);
@@ -372,6 +451,16 @@ void xent_fwd(const void* img, const void* txt, std::int64_t B, std::int64_t N, 
     using T = decltype(tag);
     using A = acc_t<T>;
     DeviceGuard guard(fn, img);
+    if (kind == kXentMultilabel) {
+      MultilabelFwdEpilogue<A> epi{};
+      epi.N = N;
+      epi.group = group;
+      epi.scale = A(scale);
+      epi.labels = labels;
+      epi.out_loss = static_cast<A*>(out_loss);
+      epi.out_lse = static_cast<A*>(out_lse);
+      return launch_tiled<T>(fn, img, txt, B, D, 1, epi, stream);
+    }
     dispatch_kind(fn, kind, [&](auto kind_tag) {
       XentFwdEpilogue<A, decltype(kind_tag)::value> epi{};
       epi.N = N;
@@ -387,10 +476,10 @@ void xent_fwd(const void* img, const void* txt, std::int64_t B, std::int64_t N, 
 
 void xent_bwd(const void* img, const void* txt, std::int64_t B, std::int64_t N, std::int64_t D, double scale,
               int kind, const std::int64_t* labels, const void* targets, const void* lse, const void* grad_loss,
-              void* out_dcos, int dtype, Stream stream) {
+              void* out_dcos, int dtype, Stream stream, std::int64_t group) {
   const char* fn = "xent_bwd_cuda";
   check_features(fn, img, txt, B, N, D);
-  check_xent(fn, kind, B, labels, targets);
+  check_xent(fn, kind, B, N, labels, targets, group);
   if (B == 0) return;
   require_ptr(fn, "lse", lse);
   require_ptr(fn, "grad_loss", grad_loss);
@@ -399,6 +488,16 @@ void xent_bwd(const void* img, const void* txt, std::int64_t B, std::int64_t N, 
     using T = decltype(tag);
     using A = acc_t<T>;
     DeviceGuard guard(fn, img);
+    if (kind == kXentMultilabel) {
+      MultilabelBwdEpilogue<A> epi{};
+      epi.N = N;
+      epi.group = group;
+      epi.scale = A(scale);
+      epi.labels = labels;
+      epi.grad_loss = static_cast<const A*>(grad_loss);
+      epi.out_dcos = static_cast<A*>(out_dcos);
+      return launch_tiled<T>(fn, img, txt, B, D, 1, epi, stream);
+    }
     dispatch_kind(fn, kind, [&](auto kind_tag) {
       XentBwdEpilogue<A, decltype(kind_tag)::value> epi{};
       epi.N = N;

@@ -13,6 +13,11 @@ def _values_checkable() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def _host_readable(x: Tensor) -> bool:
+    """Whether reading values of ``x`` back is free: on a GPU it would stall the host every training step."""
+    return x.device.type == "cpu"
+
+
 def features(name: str, x: Tensor, ndim: int | tuple[int, ...], dim: int | None = None) -> None:
     """Check a floating feature tensor: its rank, non-empty sizes and the feature size (values: see ``finite``)."""
     if not isinstance(x, Tensor):
@@ -33,9 +38,11 @@ def finite(result: Tensor, **inputs: Tensor | float | None) -> Tensor:
     """Return ``result``, or raise a ValueError naming the input that holds NaN or infinite values.
 
     NaN and inf in the inputs propagate to every op's result, so only the (small) result is scanned on the
-    normal path; the inputs are scanned only to name the culprit.
+    normal path; the inputs are scanned only to name the culprit. On CUDA tensors nothing is scanned: the scan
+    would synchronise the host with the GPU on every call, and a NaN result still shows (the training loop
+    raises on a non-finite loss).
     """
-    if not _values_checkable() or bool(torch.isfinite(result).all()):
+    if not _values_checkable() or not _host_readable(result) or bool(torch.isfinite(result).all()):
         return result
     for name, x in inputs.items():
         if isinstance(x, Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
@@ -63,7 +70,13 @@ def labels(x: Tensor, batch: int, num_classes: int) -> None:
                          f"of shape {tuple(getattr(x, 'shape', ()))}")
     if x.shape[0] != batch:
         raise ValueError(f"labels has {x.shape[0]} entries for {batch} images")
-    if batch and _values_checkable() and (int(x.min()) < 0 or int(x.max()) >= num_classes):
+    if not batch or not _values_checkable():
+        return
+    in_range = ((x >= 0) & (x < num_classes)).all()
+    if not _host_readable(x):
+        # on a GPU an asynchronous device assert, torch's own rule for out-of-range targets: no host sync
+        torch._assert_async(in_range, f"labels must lie in [0, {num_classes})")
+    elif not bool(in_range):
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{int(x.min())}, {int(x.max())}]")
 
 

@@ -7,10 +7,12 @@ Every backend offers the same primitives with the same semantics (``csrc/`` and 
   pass over a [N, D] text matrix costs memory traffic);
 - ``cosine(img, txt, scale) -> [B, N]`` on unit rows;
 - ``segment_stats(img, txt, offsets, scales) -> (max, min, logsumexp)`` of scale_s * cos over column segments;
-- ``xent(img, txt, scale, kind, labels, targets) -> (loss rows, logsumexp rows, saved)`` and
-  ``xent_backward(..., lse, grad_rows, saved) -> dcos``: loss_b = a_b * lse_b(z) - sum_n w_bn z_bn with
+- ``xent(img, txt, scale, kind, labels, targets, group) -> (loss rows, logsumexp rows, saved)`` and
+  ``xent_backward(..., lse, grad_rows, saved, group) -> dcos``: loss_b = a_b * lse_b(z) - sum_n w_bn z_bn with
   z = scale * cos and targets w given by ``kind`` (0: index ``labels``, 1: uniform over all columns, 2: dense
-  ``targets``; a_b = sum_n w_bn). ``saved`` is what the backward reuses: the cpp backend keeps the [B, N] cosines
+  ``targets``; a_b = sum_n w_bn). Kind 3 is the multi-label soft margin loss_b = (1/N) sum_n softplus(z_bn) -
+  y_bn z_bn with y_bn = 1 iff n // group == labels[b]; its backward needs no row statistic, so its "logsumexp
+  rows" are zeros. ``saved`` is what the backward reuses: the cpp backend keeps the [B, N] cosines
   its BLAS product made (on a CPU the product is the cost, memory is not), the GPU backends keep nothing
   (an empty tensor) and recompute the cosine tiles;
 - ``mix``, ``ortho`` and ``ortho_backward``.
@@ -21,13 +23,15 @@ logits; the GPU backends compute the cosine tiles inside the kernel so no [B, N]
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from promptkit.ops._backends import compiled_module, triton_module
 
 EPS = 1e-12
-XENT_INDEX, XENT_UNIFORM, XENT_DENSE = 0, 1, 2
+XENT_INDEX, XENT_UNIFORM, XENT_DENSE, XENT_MULTILABEL = 0, 1, 2, 3
 ORTHO_MODES = {"abs_sum": 0, "mean_cos": 1}
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 KEEPS_COSINES = frozenset({"cpp"})  # backends whose xent forward saves the [B, N] cosines for the backward
@@ -45,6 +49,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constants(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    # Pinned memory and non_blocking: the copy is queued on the stream instead of synchronising the host.
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+def _constants_on(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant array (segment offsets, scales) on ``device``, built on the host once per distinct value
+    (shared between calls: never written to)."""
+    return _cached_constants(tuple(values), dtype, torch.device(device))
 
 
 class _Compiled:
@@ -82,7 +99,7 @@ class _Compiled:
         dy, y = self._prep(dy.to(y.dtype)), self._prep(y)
         inv = inv.to(acc_dtype(y.dtype)).contiguous()
         dx = torch.empty(y.shape, dtype=acc_dtype(y.dtype), device=y.device)
-        self._fn("l2norm_bwd")(dy.data_ptr(), y.data_ptr(), inv.data_ptr(), y.shape[0], y.shape[1],
+        self._fn("l2norm_bwd")(dy.data_ptr(), y.data_ptr(), inv.data_ptr(), y.shape[0], y.shape[1], EPS,
                                dx.data_ptr(), _DTYPE_CODES[y.dtype], *self._extra(y))
         return dx
 
@@ -111,8 +128,8 @@ class _Compiled:
         return out
 
     def _segments(self, offsets: list[int], scales: list[float], like: Tensor) -> tuple[Tensor, Tensor]:
-        return (torch.tensor(offsets, dtype=torch.int64, device=like.device),
-                torch.tensor(scales, dtype=acc_dtype(like.dtype), device=like.device))
+        return (_constants_on(offsets, torch.int64, like.device),
+                _constants_on(scales, acc_dtype(like.dtype), like.device))
 
 
 class CppKernels(_Compiled):
@@ -138,16 +155,16 @@ class CppKernels(_Compiled):
                                  *(o.data_ptr() for o in out), _DTYPE_CODES[cos.dtype])
         return tuple(out)
 
-    def xent(self, img, txt, scale, kind, labels=None, targets=None):
+    def xent(self, img, txt, scale, kind, labels=None, targets=None, group=1):
         cos = self._prep(img) @ self._prep(txt).T
         labels = None if labels is None else labels.contiguous()
         targets = None if targets is None else targets.to(cos.dtype).contiguous()
         loss, lse = cos.new_empty(cos.shape[0]), cos.new_empty(cos.shape[0])
         self.C.xent_fwd_cpu(cos.data_ptr(), cos.shape[0], cos.shape[1], float(scale), kind, _ptr(labels),
-                            _ptr(targets), loss.data_ptr(), lse.data_ptr(), _DTYPE_CODES[cos.dtype])
+                            _ptr(targets), loss.data_ptr(), lse.data_ptr(), _DTYPE_CODES[cos.dtype], group)
         return loss, lse, cos
 
-    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows, saved):
+    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows, saved, group=1):
         cos = saved.contiguous() if saved.numel() else self._prep(img) @ self._prep(txt).T
         labels = None if labels is None else labels.contiguous()
         targets = None if targets is None else targets.to(cos.dtype).contiguous()
@@ -156,7 +173,7 @@ class CppKernels(_Compiled):
         dcos = torch.empty_like(cos)
         self.C.xent_bwd_cpu(cos.data_ptr(), cos.shape[0], cos.shape[1], float(scale), kind, _ptr(labels),
                             _ptr(targets), lse.data_ptr(), grad_rows.data_ptr(), dcos.data_ptr(),
-                            _DTYPE_CODES[cos.dtype])
+                            _DTYPE_CODES[cos.dtype], group)
         return dcos
 
 
@@ -185,7 +202,7 @@ class CudaKernels(_Compiled):
                                   _DTYPE_CODES[img.dtype], *self._extra(img))
         return tuple(out)
 
-    def xent(self, img, txt, scale, kind, labels=None, targets=None):
+    def xent(self, img, txt, scale, kind, labels=None, targets=None, group=1):
         img, txt = img.contiguous(), txt.to(img.dtype).contiguous()
         acc = acc_dtype(img.dtype)
         labels = None if labels is None else labels.contiguous()
@@ -193,10 +210,10 @@ class CudaKernels(_Compiled):
         loss, lse = img.new_empty(img.shape[0], dtype=acc), img.new_empty(img.shape[0], dtype=acc)
         self.C.xent_fwd_cuda(img.data_ptr(), txt.data_ptr(), img.shape[0], txt.shape[0], img.shape[1], float(scale),
                              kind, _ptr(labels), _ptr(targets), loss.data_ptr(), lse.data_ptr(),
-                             _DTYPE_CODES[img.dtype], *self._extra(img))
+                             _DTYPE_CODES[img.dtype], *self._extra(img), group)
         return loss, lse, img.new_empty(0)
 
-    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows, saved):
+    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows, saved, group=1):
         img, txt = img.contiguous(), txt.to(img.dtype).contiguous()
         acc = acc_dtype(img.dtype)
         labels = None if labels is None else labels.contiguous()
@@ -206,7 +223,7 @@ class CudaKernels(_Compiled):
         self.C.xent_bwd_cuda(img.data_ptr(), txt.data_ptr(), img.shape[0], txt.shape[0], img.shape[1], float(scale),
                              kind, _ptr(labels), _ptr(targets), lse.data_ptr(), grad_rows.data_ptr(),
                              dcos.data_ptr(), _DTYPE_CODES[img.dtype],
-                             *self._extra(img))
+                             *self._extra(img), group)
         return dcos
 
 
@@ -223,7 +240,8 @@ class TritonKernels:
         return self.K.l2norm_fwd(x.contiguous(), EPS)
 
     def l2norm_backward(self, dy, y, inv):
-        return self.K.l2norm_bwd(dy.to(y.dtype).contiguous(), y.contiguous(), inv.contiguous())
+        # dy stays in its own (fp32) dtype: fp16 y would round small gradients (ortho's ~1e-5) to subnormals
+        return self.K.l2norm_bwd(dy.contiguous(), y.contiguous(), inv.contiguous(), EPS)
 
     def mix(self, a, b, lam):
         return self.K.mix(a.contiguous(), b.to(a.dtype).contiguous(), lam.to(acc_dtype(a.dtype)).contiguous())
@@ -241,16 +259,16 @@ class TritonKernels:
         return self.K.segment_stats(img.contiguous(), txt.to(img.dtype).contiguous(), list(offsets),
                                     [float(s) for s in scales])
 
-    def xent(self, img, txt, scale, kind, labels=None, targets=None):
+    def xent(self, img, txt, scale, kind, labels=None, targets=None, group=1):
         targets = None if targets is None else targets.contiguous()
         loss, lse = self.K.xent_fwd(img.contiguous(), txt.to(img.dtype).contiguous(), float(scale), kind, labels,
-                                    targets)
+                                    targets, group)
         return loss, lse, img.new_empty(0)
 
-    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows, saved):
+    def xent_backward(self, img, txt, scale, kind, labels, targets, lse, grad_rows, saved, group=1):
         targets = None if targets is None else targets.contiguous()
         return self.K.xent_bwd(img.contiguous(), txt.to(img.dtype).contiguous(), float(scale), kind, labels, targets,
-                               lse.contiguous(), grad_rows.contiguous())
+                               lse.contiguous(), grad_rows.contiguous(), group)
 
 
 _IMPLEMENTATIONS = {"cpp": CppKernels, "cuda": CudaKernels, "triton": TritonKernels}

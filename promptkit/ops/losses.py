@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from promptkit.ops import _checks, reference
-from promptkit.ops._kernels import XENT_DENSE, XENT_INDEX, XENT_UNIFORM, acc_dtype, kernels, saved_shape
+from promptkit.ops._kernels import (XENT_DENSE, XENT_INDEX, XENT_MULTILABEL, XENT_UNIFORM, acc_dtype, kernels,
+                                     saved_shape)
 
 
 def _no_grad(like: Tensor) -> Tensor:
@@ -21,10 +22,10 @@ def _no_grad(like: Tensor) -> Tensor:
 
 
 def _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, saved, grad_rows, need_image,
-                     need_text):
+                     need_text, group=1):
     """Gradients of sum_b grad_rows[b] * loss_b with respect to the unit image and text rows (None where not
     needed: each is one [B, N] x [N or B, D] product, the cost of the backward)."""
-    dcos = k.xent_backward(unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows, saved)
+    dcos = k.xent_backward(unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows, saved, group)
     return (dcos @ unit_text.to(dcos.dtype) if need_image else None,
             dcos.T @ unit_image.to(dcos.dtype) if need_text else None)
 
@@ -92,71 +93,116 @@ def _xent_backward(ctx, grad, _grad_lse, _grad_saved):
 _xent_loss.register_autograd(_xent_backward, setup_context=_xent_setup)
 
 
-# NegPrompt: L_NIS (uniform target over the negatives) + beta * L_NPD + gamma * L_NND.
+# NegPrompt: L_NIS (the "nis" objective, see reference.negprompt_loss) + beta * L_NPD + gamma * L_NND. The custom
+# op takes resolved forms (npd "push"/"pull", nnd "mean"/"pairwise"). L_NIS runs on the fused xent primitive over
+# the per-class layout [pos_c, neg_c1 .. neg_cp] ("msp", "oe") or over the negatives alone ("eq4"); L_NPD and
+# L_NND are small [C, p, D] reductions done in torch.
+
+_NIS_KINDS = {"msp": XENT_MULTILABEL, "oe": XENT_UNIFORM, "eq4": XENT_UNIFORM}
+
+
+def _nis_text(unit_pos: Tensor, unit_neg: Tensor, nis: str) -> Tensor:
+    """The text rows of L_NIS from the unit positives [C, D] and negatives [C, p, D]."""
+    if nis == "eq4":
+        return unit_neg.reshape(-1, unit_neg.shape[-1])
+    return reference.negprompt_text(unit_pos, unit_neg)
+
+
+def _nis_columns(neg_text: Tensor, nis: str) -> int:
+    C, p, _ = neg_text.shape
+    return C * p if nis == "eq4" else C * (1 + p)
+
+
+def _npd_value(mean_cos: Tensor, nis: str, npd: str) -> Tensor:
+    """L_NPD from mean_{c,i} cos(pos_c, neg_ci): "push" -d, "pull" +d (eq4: -mean cos), d = 1 - mean cos."""
+    if npd == "push":
+        return mean_cos - 1
+    return -mean_cos if nis == "eq4" else 1 - mean_cos
+
 
 @torch.library.custom_op("promptkit::negprompt_loss", mutates_args=())
-def _negprompt_loss(image: Tensor, pos_text: Tensor, neg_text: Tensor, beta: float, gamma: float,
-                    temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _negprompt_loss(image: Tensor, pos_text: Tensor, neg_text: Tensor, labels: Tensor | None, beta: float,
+                    gamma: float, temperature: float, nis: str, npd: str, nnd: str,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     k = kernels(backend)
-    C, K, D = neg_text.shape
+    C, p, D = neg_text.shape
     unit_image, _ = k.l2norm(image)
-    unit_neg, _ = k.l2norm(neg_text.reshape(C * K, D))
+    unit_neg, _ = k.l2norm(neg_text.reshape(C * p, D))
     unit_pos, _ = k.l2norm(pos_text)
-    nis_rows, lse, saved = k.xent(unit_image, unit_neg, 1.0 / temperature, XENT_UNIFORM)
-    unit_neg = unit_neg.reshape(C, K, D)
-    npd = -(unit_neg * unit_pos[:, None, :]).sum(dim=-1).mean()
-    nnd = k.ortho(unit_neg, "mean_cos")
-    loss = nis_rows.mean() + beta * npd.to(nis_rows.dtype) + gamma * nnd.to(nis_rows.dtype)
+    unit_neg = unit_neg.reshape(C, p, D)
+    nis_rows, lse, saved = k.xent(unit_image, _nis_text(unit_pos, unit_neg, nis), 1.0 / temperature,
+                                  _NIS_KINDS[nis], labels if nis == "msp" else None, None, 1 + p)
+    neg_acc, pos_acc = unit_neg.to(lse.dtype), unit_pos.to(lse.dtype)
+    l_npd = _npd_value((neg_acc * pos_acc[:, None, :]).sum(dim=-1).mean(), nis, npd)
+    if nnd == "mean":
+        l_nnd = (neg_acc.mean(dim=1).norm(dim=-1) - 1).mean()
+    else:
+        l_nnd = k.ortho(unit_neg, "mean_cos").to(lse.dtype)
+    loss = nis_rows.mean() + beta * l_npd + gamma * l_nnd
     return loss.to(image.dtype), lse, saved
 
 
 @torch.library.custom_op("promptkit::negprompt_loss_backward", mutates_args=())
-def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_text: Tensor, lse: Tensor,
-                             saved: Tensor, beta: float, gamma: float, temperature: float, need_image: bool,
-                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_text: Tensor, labels: Tensor | None,
+                             lse: Tensor, saved: Tensor, beta: float, gamma: float, temperature: float, nis: str,
+                             npd: str, nnd: str, need_image: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     k = kernels(backend)
-    C, K, D = neg_text.shape
+    C, p, D = neg_text.shape
     unit_image, inv_image = k.l2norm(image)
-    unit_neg, inv_neg = k.l2norm(neg_text.reshape(C * K, D))
+    unit_neg, inv_neg = k.l2norm(neg_text.reshape(C * p, D))
     unit_pos, inv_pos = k.l2norm(pos_text)
     grad = grad.to(lse.dtype)
     grad_rows = (grad / image.shape[0]).expand(image.shape[0])
-    d_image, d_neg = _xent_unit_grads(k, unit_image, unit_neg, 1.0 / temperature, XENT_UNIFORM, None, None, lse,
-                                      saved, grad_rows, need_image, True)
-    unit_neg3, unit_pos = unit_neg.reshape(C, K, D).to(lse.dtype), unit_pos.to(lse.dtype)
-    npd_weight = -grad * beta / (C * K)
-    d_neg = (d_neg.reshape(C, K, D) + npd_weight * unit_pos[:, None, :]
-             + grad * gamma * k.ortho_backward(unit_neg.reshape(C, K, D), "mean_cos", 1.0))
-    d_pos = npd_weight * unit_neg3.sum(dim=1)
+    d_image, d_text = _xent_unit_grads(k, unit_image, _nis_text(unit_pos, unit_neg.reshape(C, p, D), nis),
+                                       1.0 / temperature, _NIS_KINDS[nis], labels if nis == "msp" else None, None,
+                                       lse, saved, grad_rows, need_image, True, group=1 + p)
+    if nis == "eq4":
+        d_neg, d_pos = d_text.reshape(C, p, D), torch.zeros_like(unit_pos, dtype=lse.dtype)
+    else:
+        d_text = d_text.reshape(C, 1 + p, D)
+        d_neg, d_pos = d_text[:, 1:], d_text[:, 0]
+    unit_neg3, unit_pos = unit_neg.reshape(C, p, D).to(lse.dtype), unit_pos.to(lse.dtype)
+    # d L_NPD / d cos = +1/(C p) for "push" (value mean cos - 1), -1/(C p) for "pull"
+    npd_weight = (1 if npd == "push" else -1) * grad * beta / (C * p)
+    d_neg = d_neg + npd_weight * unit_pos[:, None, :]
+    d_pos = d_pos + npd_weight * unit_neg3.sum(dim=1)
+    if nnd == "mean":
+        # d ||m_c|| / d u_ci = m_c / (p ||m_c||); 0 where m_c = 0 (the clamp), torch's choice for the norm there
+        mean = unit_neg3.mean(dim=1)
+        direction = mean / mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
+        d_neg = d_neg + (grad * gamma / (C * p)) * direction[:, None, :]
+    else:
+        d_neg = d_neg + grad * gamma * k.ortho_backward(unit_neg.reshape(C, p, D), "mean_cos", 1.0)
     return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype) if need_image else _no_grad(image),
             k.l2norm_backward(d_pos, unit_pos, inv_pos).to(pos_text.dtype),
-            k.l2norm_backward(d_neg.reshape(C * K, D), unit_neg, inv_neg).reshape(C, K, D).to(neg_text.dtype))
+            k.l2norm_backward(d_neg.reshape(C * p, D), unit_neg, inv_neg).reshape(C, p, D).to(neg_text.dtype))
 
 
 @_negprompt_loss.register_fake
-def _(image, pos_text, neg_text, beta, gamma, temperature, backend):
-    return _fake_loss(image, neg_text.shape[0] * neg_text.shape[1], backend)
+def _(image, pos_text, neg_text, labels, beta, gamma, temperature, nis, npd, nnd, backend):
+    return _fake_loss(image, _nis_columns(neg_text, nis), backend)
 
 
 @_negprompt_loss_backward.register_fake
-def _(grad, image, pos_text, neg_text, lse, saved, beta, gamma, temperature, need_image, backend):
+def _(grad, image, pos_text, neg_text, labels, lse, saved, beta, gamma, temperature, nis, npd, nnd, need_image,
+      backend):
     return (torch.empty_like(image) if need_image else _no_grad(image), torch.empty_like(pos_text),
             torch.empty_like(neg_text))
 
 
 def _negprompt_setup(ctx, inputs, output):
-    image, pos_text, neg_text, beta, gamma, temperature, backend = inputs
-    ctx.save_for_backward(image, pos_text, neg_text, output[1], output[2])
-    ctx.args = (beta, gamma, temperature, backend)
+    image, pos_text, neg_text, labels, beta, gamma, temperature, nis, npd, nnd, backend = inputs
+    ctx.save_for_backward(image, pos_text, neg_text, labels, output[1], output[2])
+    ctx.args = (beta, gamma, temperature, nis, npd, nnd, backend)
 
 
 def _negprompt_backward(ctx, grad, _grad_lse, _grad_saved):
-    image, pos_text, neg_text, lse, saved = ctx.saved_tensors
-    beta, gamma, temperature, backend = ctx.args
+    image, pos_text, neg_text, labels, lse, saved = ctx.saved_tensors
+    beta, gamma, temperature, nis, npd, nnd, backend = ctx.args
     need_image = ctx.needs_input_grad[0]
-    d_image, d_pos, d_neg = _negprompt_loss_backward(grad, image, pos_text, neg_text, lse, saved, beta, gamma,
-                                                     temperature, need_image, backend)
-    return d_image if need_image else None, d_pos, d_neg, None, None, None, None
+    d_image, d_pos, d_neg = _negprompt_loss_backward(grad, image, pos_text, neg_text, labels, lse, saved, beta,
+                                                     gamma, temperature, nis, npd, nnd, need_image, backend)
+    return (d_image if need_image else None, d_pos, d_neg) + (None,) * 8
 
 
 _negprompt_loss.register_autograd(_negprompt_backward, setup_context=_negprompt_setup)
@@ -191,23 +237,48 @@ def negprompt_loss(
     gamma: float = 0.05,
     temperature: float = 0.01,
     backend: str = "auto",
+    *,
+    nis: str = "msp",
+    labels: Tensor | None = None,
+    npd: str = "auto",
+    nnd: str = "auto",
 ) -> Tensor:
-    """NegPrompt Eq. 4-7: L_NIS + beta * L_NPD + gamma * L_NND (see ``reference.negprompt_loss``).
+    """NegPrompt's stage-2 loss L_NIS + beta * L_NPD + gamma * L_NND (the forms: ``reference.negprompt_loss``).
 
-    image [B, D], pos_text [C, D], neg_text [C, K, D] -> scalar.
+    ``nis``: "msp" (the released code's multi-label soft margin over all C (1 + p) prompts; needs ``labels``),
+    "oe" (its uniform cross-entropy over all prompts) or "eq4" (the paper's Eq. 4 over the negatives only, which
+    is degenerate: collapsing every negative onto one vector reaches its minimum). ``npd``: "auto", "push" or
+    "pull"; ``nnd``: "auto", "mean" or "pairwise"; "auto" follows the ``nis`` branch as the released code does.
+    ``labels`` is used by "msp" only. beta = 0.1 and gamma = 0.05 are the released scripts' distance_weight and
+    nega_nega_weight; temperature 0.01 is CLIP's logit scale 100.
+    image [B, D], pos_text [C, D], neg_text [C, p, D], labels [B] int64 in [0, C) -> scalar.
     """
     _checks.features("image", image, 2)
     _checks.features("pos_text", pos_text, 2, dim=image.shape[1])
     _checks.features("neg_text", neg_text, 3, dim=image.shape[1])
     if neg_text.shape[0] != pos_text.shape[0]:
         raise ValueError(f"neg_text has {neg_text.shape[0]} classes but pos_text has {pos_text.shape[0]}")
-    _checks.same_device(image=image, pos_text=pos_text, neg_text=neg_text)
+    for name, value, allowed in (("nis", nis, reference.NEGPROMPT_NIS), ("npd", npd, reference.NEGPROMPT_NPD),
+                                 ("nnd", nnd, reference.NEGPROMPT_NND)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if nis == "msp":
+        if labels is None:
+            raise ValueError("nis='msp' needs labels: the int64 [B] class of each image")
+        _checks.labels(labels, image.shape[0], pos_text.shape[0])
+        _checks.same_device(image=image, pos_text=pos_text, neg_text=neg_text, labels=labels)
+    else:
+        labels = None
+        _checks.same_device(image=image, pos_text=pos_text, neg_text=neg_text)
     _checks.positive("temperature", temperature)
+    npd, nnd = reference.negprompt_forms(nis, npd, nnd)
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        loss = reference.negprompt_loss(image, pos_text, neg_text, beta, gamma, temperature)
+        loss = reference.negprompt_loss(image, pos_text, neg_text, beta, gamma, temperature, nis=nis, labels=labels,
+                                        npd=npd, nnd=nnd)
     else:
-        loss = _negprompt_loss(image, pos_text, neg_text, float(beta), float(gamma), float(temperature), backend)[0]
+        loss = _negprompt_loss(image, pos_text, neg_text, labels, float(beta), float(gamma), float(temperature), nis,
+                               npd, nnd, backend)[0]
     return _checks.finite(loss, image=image, pos_text=pos_text, neg_text=neg_text)
 
 

@@ -141,11 +141,14 @@ def neglabel_score(
     groups: int = 1,
     seed: int = 0,
     backend: str = "auto",
+    group_order: str = "drop-then-permute",
 ) -> Tensor:
     """NegLabel: ID probability mass of the softmax over C ID + M negative labels, averaged over groups.
 
-    With groups > 1 the negatives are permuted by a CPU generator seeded with ``seed``, the last M % groups
-    dropped and the rest split into ``groups`` equal groups. image [B, D], id_text [C, D], neg_text [M, D] -> [B].
+    With groups > 1 the last M % groups negatives are dropped, the rest permuted by a CPU generator seeded with
+    ``seed`` and split into ``groups`` equal groups (NegLabel's released order; ``group_order="permute-then-drop"``
+    permutes all M first; see ``reference.neglabel_permutation``).
+    image [B, D], id_text [C, D], neg_text [M, D] -> [B].
     """
     _checks.features("image", image, 2)
     _checks.features("id_text", id_text, 2, dim=image.shape[1])
@@ -154,14 +157,16 @@ def neglabel_score(
     _checks.positive("temperature", temperature)
     if not 1 <= groups <= neg_text.shape[0]:
         raise ValueError(f"groups must be in [1, M={neg_text.shape[0]}], got {groups}")
+    if group_order not in reference.GROUP_ORDERS:
+        raise ValueError(f"group_order must be one of {reference.GROUP_ORDERS}, got {group_order!r}")
     backend = _checks.backend_for(backend, image)
     if backend == "torch":
-        score = reference.neglabel_score(image, id_text, neg_text, temperature, groups, seed)
+        score = reference.neglabel_score(image, id_text, neg_text, temperature, groups, seed, group_order)
     else:
         grouped = neg_text
         if groups > 1:
-            order = reference.neglabel_permutation(neg_text.shape[0], seed).to(neg_text.device)
-            grouped = neg_text[order[: (neg_text.shape[0] // groups) * groups]]
+            grouped = neg_text[reference.neglabel_permutation(neg_text.shape[0], seed, groups, group_order)
+                               .to(neg_text.device)]
         score = _neglabel_score(image.detach(), id_text.detach(), grouped.detach(), float(temperature), int(groups),
                                 backend)
     return _checks.finite(score, image=image, id_text=id_text, neg_text=neg_text)

@@ -20,7 +20,8 @@ from promptkit import _C
 DTYPES = [torch.float32, torch.float64]
 CODE = {torch.float32: 0, torch.float64: 1}
 FLOOR = {torch.float32: 2e-6, torch.float64: 1e-12}
-XENT_INDEX, XENT_UNIFORM, XENT_DENSE = 0, 1, 2
+XENT_INDEX, XENT_UNIFORM, XENT_DENSE, XENT_MULTILABEL = 0, 1, 2, 3
+XENT_KINDS = [XENT_INDEX, XENT_UNIFORM, XENT_DENSE, XENT_MULTILABEL]
 CUDA_FUNCTIONS = ["cosine_cuda", "segment_stats_cuda", "xent_fwd_cuda", "xent_bwd_cuda", "l2norm_fwd_cuda",
                   "l2norm_bwd_cuda", "mix_cuda", "ortho_fwd_cuda", "ortho_bwd_cuda"]
 
@@ -140,10 +141,20 @@ def test_segment_stats_nan_and_infinities(dtype):
 # ---------------------------------------------------------------- xent
 
 
-def xent_oracle(scale, kind, labels, targets):
+def xent_group(kind, N):
+    """Columns per label group of the multilabel kind: 3 where N allows (groups then straddle the CPU chunks and
+    the CUDA column tiles), else 1; the other kinds ignore it."""
+    return 3 if kind == XENT_MULTILABEL and N % 3 == 0 else 1
+
+
+def xent_oracle(scale, kind, labels, targets, group=1):
     def loss_and_lse(cos):
         z = scale * cos
         N = z.shape[1]
+        if kind == XENT_MULTILABEL:
+            # torch's multi-label soft margin; the kernel's lse output is zeros (its backward needs none)
+            y = (torch.arange(N) // group == labels[:, None]).to(z.dtype)
+            return F.multilabel_soft_margin_loss(z, y, reduction="none"), torch.zeros_like(z[:, 0])
         if kind == XENT_INDEX:
             w = F.one_hot(labels, N).to(z.dtype)
         elif kind == XENT_UNIFORM:
@@ -158,7 +169,8 @@ def xent_oracle(scale, kind, labels, targets):
 def xent_case(B, N, kind, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     cos = rand(B, N, dtype=dtype, seed=seed).clamp(-1, 1)
-    labels = torch.randint(0, N, (B,), generator=g) if kind == XENT_INDEX else None
+    classes = N // xent_group(kind, N)
+    labels = torch.randint(0, classes, (B,), generator=g) if kind in (XENT_INDEX, XENT_MULTILABEL) else None
     targets = torch.rand(B, N, generator=g, dtype=torch.float64).to(dtype) if kind == XENT_DENSE else None
     return cos, labels, targets
 
@@ -167,13 +179,14 @@ XENT_CASES = [(1, 1, 100.0), (5, 7, -7.5), (6, 33, 20.0), (16, 2100, 100.0)]  # 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", [XENT_INDEX, XENT_UNIFORM, XENT_DENSE])
+@pytest.mark.parametrize("kind", XENT_KINDS)
 @pytest.mark.parametrize("B,N,scale", XENT_CASES)
 def test_xent_forward(dtype, kind, B, N, scale):
     cos, labels, targets = xent_case(B, N, kind, dtype)
+    group = xent_group(kind, N)
     loss, lse = torch.empty(B, dtype=dtype), torch.empty(B, dtype=dtype)
-    _C.xent_fwd_cpu(p(cos), B, N, scale, kind, p(labels), p(targets), p(loss), p(lse), CODE[dtype])
-    oracle = xent_oracle(scale, kind, labels, targets)
+    _C.xent_fwd_cpu(p(cos), B, N, scale, kind, p(labels), p(targets), p(loss), p(lse), CODE[dtype], group)
+    oracle = xent_oracle(scale, kind, labels, targets, group)
     check(loss, lambda c: oracle(c)[0], cos, what="loss")
     check(lse, lambda c: oracle(c)[1], cos, what="lse")
 
@@ -193,15 +206,33 @@ def test_xent_forward_without_cancellation(kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", [XENT_INDEX, XENT_UNIFORM, XENT_DENSE])
+def test_xent_multilabel_keeps_relative_accuracy_of_confident_rows(dtype):
+    """Group columns at z = 25..35 and the rest at -35..-25: every term softplus(z) - y z is ~e^-|z|, so the loss
+    ~1e-12 is kept to a few ulps only if no term is formed as softplus(z) - z (two ~30s that cancel)."""
+    B, N, group, scale = 6, 12, 3, 100.0
+    g = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, N // group, (B,), generator=g)
+    y = (torch.arange(N) // group == labels[:, None]).double()
+    cos = ((0.25 + 0.1 * torch.rand(B, N, generator=g, dtype=torch.float64)) * (2 * y - 1)).to(dtype)
+    loss, lse = torch.empty(B, dtype=dtype), torch.empty(B, dtype=dtype)
+    _C.xent_fwd_cpu(p(cos), B, N, scale, XENT_MULTILABEL, p(labels), 0, p(loss), p(lse), CODE[dtype], group)
+    oracle = xent_oracle(scale, XENT_MULTILABEL, labels, None, group)(cos.double())[0]
+    assert oracle.max() < 1e-10
+    torch.testing.assert_close(loss.double(), oracle, rtol=8 * torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", XENT_KINDS)
 @pytest.mark.parametrize("B,N,scale", XENT_CASES)
 def test_xent_backward_matches_autograd(dtype, kind, B, N, scale):
     cos, labels, targets = xent_case(B, N, kind, dtype)
+    group = xent_group(kind, N)
     grad_loss = rand(B, dtype=dtype, seed=1)
-    oracle = xent_oracle(scale, kind, labels, targets)
+    oracle = xent_oracle(scale, kind, labels, targets, group)
     lse = oracle(cos)[1].contiguous()
     dcos = torch.empty(B, N, dtype=dtype)
-    _C.xent_bwd_cpu(p(cos), B, N, scale, kind, p(labels), p(targets), p(lse), p(grad_loss), p(dcos), CODE[dtype])
+    _C.xent_bwd_cpu(p(cos), B, N, scale, kind, p(labels), p(targets), p(lse), p(grad_loss), p(dcos), CODE[dtype],
+                    group)
 
     def autograd_dcos(c, g):
         c = c.detach().requires_grad_()
@@ -226,18 +257,21 @@ def test_xent_single_column_gradient_is_exactly_zero(dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", [XENT_INDEX, XENT_UNIFORM, XENT_DENSE])
+@pytest.mark.parametrize("kind", XENT_KINDS)
 def test_xent_nan_row_stays_nan(dtype, kind):
     B, N, scale = 4, 9, 10.0
     cos, labels, targets = xent_case(B, N, kind, dtype)
+    group = xent_group(kind, N)
     cos[2, 5] = float("nan")
     loss, lse = torch.empty(B, dtype=dtype), torch.empty(B, dtype=dtype)
-    _C.xent_fwd_cpu(p(cos), B, N, scale, kind, p(labels), p(targets), p(loss), p(lse), CODE[dtype])
-    assert torch.isnan(loss[2]) and torch.isnan(lse[2])
+    _C.xent_fwd_cpu(p(cos), B, N, scale, kind, p(labels), p(targets), p(loss), p(lse), CODE[dtype], group)
+    assert torch.isnan(loss[2]) and (kind == XENT_MULTILABEL or torch.isnan(lse[2]))  # multilabel's lse is 0
     assert torch.isfinite(loss[[0, 1, 3]]).all() and torch.isfinite(lse[[0, 1, 3]]).all()
     dcos, grad_loss = torch.empty(B, N, dtype=dtype), torch.ones(B, dtype=dtype)
-    _C.xent_bwd_cpu(p(cos), B, N, scale, kind, p(labels), p(targets), p(lse), p(grad_loss), p(dcos), CODE[dtype])
-    assert torch.isnan(dcos[2]).all()
+    _C.xent_bwd_cpu(p(cos), B, N, scale, kind, p(labels), p(targets), p(lse), p(grad_loss), p(dcos), CODE[dtype],
+                    group)
+    # the multilabel terms are independent per column: only the NaN column's gradient is NaN, as in autograd
+    assert torch.isnan(dcos[2, 5:6] if kind == XENT_MULTILABEL else dcos[2]).all()
     assert torch.isfinite(dcos[[0, 1, 3]]).all()
 
 
@@ -283,7 +317,7 @@ def test_l2norm_forward_and_backward(dtype, R, D):
 
     dy = rand(R, D, dtype=dtype, seed=2)
     dx = torch.empty(R, D, dtype=dtype)
-    _C.l2norm_bwd_cpu(p(dy), p(y), p(inv), R, D, p(dx), CODE[dtype])
+    _C.l2norm_bwd_cpu(p(dy), p(y), p(inv), R, D, eps, p(dx), CODE[dtype])
 
     def autograd_dx(t, g):
         t = t.detach().requires_grad_()
@@ -370,6 +404,13 @@ def test_bad_arguments_raise_value_error():
     stats, stats2 = [torch.zeros(2, 1) for _ in range(3)], [torch.zeros(2, 2) for _ in range(3)]
     labels, bad_labels = torch.tensor([0, 1]), torch.tensor([0, 3])
     cases = [
+        (lambda: _C.xent_fwd_cpu(p(cos), 2, 3, 1.0, XENT_MULTILABEL, p(labels), 0, p(out), p(out), 0, 3),
+         r"labels\[1\] = 1 is outside \[0, N / group = 1\)"),
+        (lambda: _C.xent_fwd_cpu(p(cos), 2, 3, 1.0, XENT_MULTILABEL, p(labels), 0, p(out), p(out), 0, 2),
+         "N = 3 is not a multiple of group = 2"),
+        (lambda: _C.xent_bwd_cpu(p(cos), 2, 3, 1.0, XENT_MULTILABEL, 0, 0, p(out), p(out), p(dcos), 0, 3),
+         "labels is a null pointer"),
+        (lambda: _C.xent_fwd_cpu(p(cos), 2, 3, 1.0, XENT_UNIFORM, 0, 0, p(out), p(out), 0, 0), "group must be >= 1"),
         (lambda: _C.xent_fwd_cpu(p(cos), 2, 3, 1.0, 0, p(labels), 0, p(out), p(out), 2),
          r"dtype code 2 \(float16\) is not supported on CPU"),
         (lambda: _C.xent_fwd_cpu(p(cos), 2, 3, 1.0, 5, 0, 0, p(out), p(out), 0), "kind must be 0"),

@@ -25,8 +25,15 @@ def _opcheck_cases():
         "xent_loss index": (OPS.xent_loss.default, (g(image), g(pos), -20.0, 0, labels, None, "cpp")),
         "xent_loss dense": (OPS.xent_loss.default, (g(image), g(text), 100.0, 2, None, targets, "cpp")),
         "xent_loss image frozen": (OPS.xent_loss.default, (image, g(text), 100.0, 2, None, targets, "cpp")),
-        "negprompt_loss": (OPS.negprompt_loss.default, (g(image), g(pos), g(neg), 0.1, 0.05, 0.01, "cpp")),
-        "negprompt_loss image frozen": (OPS.negprompt_loss.default, (image, g(pos), g(neg), 0.1, 0.05, 0.01, "cpp")),
+        "negprompt_loss msp": (OPS.negprompt_loss.default,
+                               (g(image), g(pos), g(neg), labels, 0.1, 0.05, 0.01, "msp", "push", "mean", "cpp")),
+        "negprompt_loss oe": (OPS.negprompt_loss.default,
+                              (g(image), g(pos), g(neg), None, 0.1, 0.05, 0.01, "oe", "pull", "mean", "cpp")),
+        "negprompt_loss eq4": (OPS.negprompt_loss.default,
+                               (g(image), g(pos), g(neg), None, 0.1, 0.05, 0.01, "eq4", "pull", "pairwise", "cpp")),
+        "negprompt_loss msp image frozen": (OPS.negprompt_loss.default,
+                                            (image, g(pos), g(neg), labels, 0.1, 0.05, 0.01, "msp", "push", "mean",
+                                             "cpp")),
         "cosine_logits text frozen": (OPS.cosine_logits.default, (g(image), text, 3.0, "cpp")),
         "orthogonality_loss": (OPS.orthogonality_loss.default, (g(neg), "abs_sum", "cpp")),
         "mix_features": (OPS.mix_features.default, (image, pos[labels], torch.rand(3, dtype=torch.float64), "cpp")),
@@ -43,7 +50,8 @@ def test_torch_compile_training_step_matches_eager():
     image, pos, neg, labels = make_inputs((6, 4, 3, 16), torch.float32, "cpu")
 
     def step(image, pos, neg):
-        loss = ops.negprompt_loss(image, pos, neg, backend="cpp") + ops.orthogonality_loss(neg, backend="cpp")
+        loss = (ops.negprompt_loss(image, pos, neg, backend="cpp", labels=labels)
+                + ops.orthogonality_loss(neg, backend="cpp"))
         score = ops.lsn_score(image, pos, neg, backend="cpp")
         return loss, score
 

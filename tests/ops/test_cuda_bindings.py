@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from promptkit import _C
 
-from .test_build import (XENT_DENSE, XENT_INDEX, XENT_UNIFORM, check, ortho_oracle, p, rand, segment_oracle,
-                         xent_case, xent_oracle)
+from .test_build import (XENT_INDEX, XENT_KINDS, XENT_MULTILABEL, check, ortho_oracle, p, rand, segment_oracle,
+                         xent_case, xent_group, xent_oracle)
 
 # ---------------------------------------------------------------- CUDA bindings
 
@@ -70,26 +70,27 @@ def test_cuda_segment_stats(dtype, B, D, offsets, scales):
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("kind", [XENT_INDEX, XENT_UNIFORM, XENT_DENSE])
+@pytest.mark.parametrize("kind", XENT_KINDS)
 @pytest.mark.parametrize("B,N,D", CUDA_SHAPES)
 def test_cuda_xent_forward_and_backward(dtype, kind, B, N, D):
     scale, acc = 20.0, acc_of(dtype)
+    group = xent_group(kind, N)
     img, txt = unit_rows(B, D, dtype, 0), unit_rows(N, D, dtype, 1)
     _, labels, targets = xent_case(B, N, kind, acc)
     labels = None if labels is None else labels.cuda()
     targets = None if targets is None else targets.cuda()
     loss, lse = torch.empty(B, dtype=acc, device="cuda"), torch.empty(B, dtype=acc, device="cuda")
     _C.xent_fwd_cuda(p(img), p(txt), B, N, D, scale, kind, p(labels), p(targets), p(loss), p(lse),
-                     CUDA_CODE[dtype], stream())
+                     CUDA_CODE[dtype], stream(), group)
     cpu_labels = None if labels is None else labels.cpu()
-    oracle = xent_oracle(scale, kind, cpu_labels, None if targets is None else targets.cpu())
+    oracle = xent_oracle(scale, kind, cpu_labels, None if targets is None else targets.cpu(), group)
     check(loss.cpu(), lambda a, b: oracle(a @ b.T)[0], img.cpu(), txt.cpu(), what="loss")
     check(lse.cpu(), lambda a, b: oracle(a @ b.T)[1], img.cpu(), txt.cpu(), what="lse")
 
     grad_loss = rand(B, dtype=acc, seed=1).cuda()
     dcos = torch.empty(B, N, dtype=acc, device="cuda")
     _C.xent_bwd_cuda(p(img), p(txt), B, N, D, scale, kind, p(labels), p(targets), p(lse), p(grad_loss), p(dcos),
-                     CUDA_CODE[dtype], stream())
+                     CUDA_CODE[dtype], stream(), group)
 
     def autograd_dcos(a, b, g):
         c = (a @ b.T).detach().requires_grad_()
@@ -110,6 +111,25 @@ def test_cuda_xent_nan_and_bad_label_rows():
     assert torch.isnan(lse[1]) and torch.isfinite(lse[[0, 2, 3]]).all()
 
 
+def test_cuda_xent_multilabel_nan_and_bad_label_rows():
+    B, N, D, group = 4, 9, 5, 3
+    img, txt = unit_rows(B, D, torch.float32, 0), unit_rows(N, D, torch.float32, 1)
+    img[1, 2] = float("nan")
+    labels = torch.tensor([0, 1, 3, 2], device="cuda")  # row 2: label outside [0, N / group)
+    loss, lse = torch.empty(B, device="cuda"), torch.empty(B, device="cuda")
+    _C.xent_fwd_cuda(p(img), p(txt), B, N, D, 10.0, XENT_MULTILABEL, p(labels), 0, p(loss), p(lse), 0, stream(),
+                     group)
+    assert torch.isnan(loss[[1, 2]]).all() and torch.isfinite(loss[[0, 3]]).all()
+    assert torch.equal(lse, torch.zeros_like(lse))
+    dcos, grad_loss = torch.empty(B, N, device="cuda"), torch.ones(B, device="cuda")
+    _C.xent_bwd_cuda(p(img), p(txt), B, N, D, 10.0, XENT_MULTILABEL, p(labels), 0, p(lse), p(grad_loss), p(dcos),
+                     0, stream(), group)
+    assert torch.isnan(dcos[[1, 2]]).all() and torch.isfinite(dcos[[0, 3]]).all()
+    with pytest.raises(ValueError, match="N = 9 is not a multiple of group = 2"):
+        _C.xent_fwd_cuda(p(img), p(txt), B, N, D, 10.0, XENT_MULTILABEL, p(labels), 0, p(loss), p(lse), 0, stream(),
+                         2)
+
+
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("R,D", [(1, 1), (9, 7), (40, 300)])
 def test_cuda_row_kernels(dtype, R, D):
@@ -122,7 +142,7 @@ def test_cuda_row_kernels(dtype, R, D):
 
     unit, dy = y.to(dtype), rand(R, D, dtype=dtype, seed=2).cuda()
     dx = torch.empty(R, D, dtype=acc, device="cuda")
-    _C.l2norm_bwd_cuda(p(dy), p(unit), p(inv), R, D, p(dx), CUDA_CODE[dtype], stream())
+    _C.l2norm_bwd_cuda(p(dy), p(unit), p(inv), R, D, 1e-12, p(dx), CUDA_CODE[dtype], stream())
     check(dx.cpu(), lambda g, u, s: s[:, None] * (g - u * (g * u).sum(1, keepdim=True)), dy.cpu(), unit.cpu(),
           inv.cpu(), what="dx")
 

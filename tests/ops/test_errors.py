@@ -27,7 +27,8 @@ def test_bad_inputs_raise_value_error(good, backend):
         (lambda: ops.negprompt_score(image, pos, neg[:2], backend=backend), "neg_text has 2 classes"),
         (lambda: ops.mcm_score(image, pos[:0], backend=backend), "empty"),
         (lambda: ops.lsn_score(nan_image, pos, neg, backend=backend), "image contains 1 NaN"),
-        (lambda: ops.negprompt_loss(image, pos, inf_neg, backend=backend), "neg_text contains 1 NaN or infinite"),
+        (lambda: ops.negprompt_loss(image, pos, inf_neg, backend=backend, labels=labels),
+         "neg_text contains 1 NaN or infinite"),
         (lambda: ops.cosine_logits(image, inf_neg, backend=backend), "text contains 1"),
         (lambda: ops.mix_features(image, image, nan_lam, backend=backend), "lam contains 1"),
         (lambda: ops.lsn_negative_loss(image, pos, torch.tensor([0, 1, 3, 0]), backend=backend), "labels must lie"),
@@ -59,3 +60,16 @@ def test_auto_prefers_cpp_on_cpu_and_honours_env(monkeypatch):
     monkeypatch.setenv("PROMPTKIT_BACKEND", "torch")
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
     assert ops.resolve_backend("cpp", torch.device("cpu")) == "cpp"  # an explicit choice wins over the env
+
+
+def test_value_checks_never_read_device_tensors_back():
+    """On a GPU the value checks would stall the host every call: on tensors that cannot be read back (meta
+    stands in for CUDA here) the finite check is skipped and the label range becomes an asynchronous assert."""
+    from promptkit.kernels import _common
+    from promptkit.ops import _checks
+
+    result = torch.empty(3, device="meta")
+    assert _checks.finite(result, image=torch.empty(4, 8, device="meta")) is result
+    labels = torch.empty(4, dtype=torch.int64, device="meta")
+    _checks.labels(labels, 4, 3)
+    _common.check_labels("xent_fwd", labels, 3)

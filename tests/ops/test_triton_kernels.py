@@ -15,6 +15,13 @@ import torch.nn.functional as F
 
 from promptkit import kernels as K
 from promptkit.kernels import _common
+from promptkit.kernels.cosine import _cosine_kernel
+
+# On a GPU machine pytest's header imports promptkit.kernels before this module runs, with the JIT: these CPU
+# tests then need a run of their own with TRITON_INTERPRET=1 set from the start (benchmarks/gpu_check.sh does it).
+pytestmark = pytest.mark.skipif(type(_cosine_kernel).__name__ != "InterpretedFunction",
+                                reason="promptkit.kernels was imported with Triton's JIT (a GPU machine): run this "
+                                       "file alone with TRITON_INTERPRET=1")
 
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -124,6 +131,37 @@ def test_xent(shape, dtype, kind):
     close(K.xent_bwd(img, txt, scale, kind, labels, targets, lse, grad_loss), cos.grad, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_xent_multilabel(shape, dtype, group):
+    B, N, D = shape
+    N -= N % group  # 11 -> 11/9/8 and 37 -> 37/36/36 columns: groups straddle the 16-wide column tiles
+    scale = 1 / 0.01  # CLIP's logit scale: |z| up to 100, where softplus(z) - z cancels unless formed stably
+    img, txt = unit(B, D, dtype=dtype, seed=6), unit(N, D, dtype=dtype, seed=7)
+    labels = torch.randint(0, N // group, (B,), generator=torch.Generator().manual_seed(7))
+    loss, lse = K.xent_fwd(img, txt, scale, K.XENT_MULTILABEL, labels, None, group)
+
+    cos = (img.double() @ txt.double().T).requires_grad_()
+    y = (torch.arange(N) // group == labels[:, None]).double()
+    ref_loss = F.multilabel_soft_margin_loss(scale * cos, y, reduction="none")
+    close(loss, ref_loss.detach(), dtype)
+    assert torch.equal(lse, torch.zeros_like(lse))  # no row statistic: the backward recomputes each term
+
+    grad_loss = torch.linspace(-1.0, 2.0, B, dtype=dtype)
+    ref_loss.backward(grad_loss.double())
+    close(K.xent_bwd(img, txt, scale, K.XENT_MULTILABEL, labels, None, lse, grad_loss, group), cos.grad, dtype)
+
+
+def test_xent_multilabel_nan_stays_in_its_row():
+    img, txt = unit(4, 6, dtype=torch.float32, seed=16), unit(6, 6, dtype=torch.float32, seed=17)
+    img[2, 3] = NAN
+    labels = torch.tensor([0, 2, 1, 2])
+    loss, lse = K.xent_fwd(img, txt, 2.0, K.XENT_MULTILABEL, labels, None, 2)
+    assert loss[2].isnan() and loss[[0, 1, 3]].isfinite().all()
+    dcos = K.xent_bwd(img, txt, 2.0, K.XENT_MULTILABEL, labels, None, lse, torch.ones(4), 2)
+    assert dcos[2].isnan().all() and dcos[[0, 1, 3]].isfinite().all()
+
+
 def test_xent_bwd_zero_stride_grad():
     img, txt = unit(4, 7, dtype=torch.float64, seed=8), unit(6, 7, dtype=torch.float64, seed=9)
     labels = torch.tensor([5, 0, 2, 2])
@@ -162,7 +200,7 @@ def test_l2norm(shape, dtype):
     (x64 / norm).backward(dy.double())
     torch.testing.assert_close(y.double(), (x64 / norm).detach(), rtol=TOL[dtype], atol=TOL[dtype])
     close(inv, 1 / norm.detach().squeeze(1), dtype)
-    dx = K.l2norm_bwd(dy, y, inv)
+    dx = K.l2norm_bwd(dy, y, inv, eps)
     close(dx[1], x64.grad[1], dtype)  # ~dy / eps: checked apart so its size does not loosen the other rows
     keep = torch.arange(R) != 1
     close(dx[keep], x64.grad[keep], dtype)
@@ -173,7 +211,7 @@ def test_l2norm_bwd_zero_stride_grad():
     y, inv = K.l2norm_fwd(x, 1e-12)
     x64 = x.clone().requires_grad_()
     F.normalize(x64, dim=1).sum().backward()
-    close(K.l2norm_bwd(torch.ones((), dtype=torch.float64).expand(3, 4), y, inv), x64.grad, torch.float64)
+    close(K.l2norm_bwd(torch.ones((), dtype=torch.float64).expand(3, 4), y, inv, 1e-12), x64.grad, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -209,9 +247,9 @@ def ortho_inputs(C: int, Kp: int, D: int, dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", [K.ORTHO_ABS_SUM, K.ORTHO_MEAN_COS])
-@pytest.mark.parametrize("ckd", [(3, 4, 9), (2, 1, 5), (2, 3, 35)])
+@pytest.mark.parametrize("ckd", [(3, 4, 9), (2, 1, 5), (2, 3, 35), (2, 37, 35)])
 def test_ortho(dtype, mode, ckd, monkeypatch):
-    if ckd[2] > 16:
+    if ckd[2] > 16:  # 16-wide tiles: K = 37 takes 3 row tiles and 3 x 3 Gram tiles, D = 35 three chunks
         monkeypatch.setattr(_common, "INTERPRET_MAX_TILE", 16)
     yn = ortho_inputs(*ckd, dtype)
     y64 = yn.double().requires_grad_()
@@ -272,7 +310,14 @@ IMG, TXT = torch.zeros(2, 3), torch.zeros(4, 3)  # B = 2, N = 4, D = 3
     (lambda: K.segment_stats(IMG, TXT, [0, 4], [1.0, 2.0]), "S \\+ 1 offsets"),
     (lambda: K.segment_stats(IMG, TXT, [0, 3, 2, 4], [1.0] * 3), "non-decreasing within \\[0, 4\\]"),
     (lambda: K.segment_stats(IMG, TXT, [0, 5], [1.0]), "non-decreasing within \\[0, 4\\]"),
-    (lambda: K.xent_fwd(IMG, TXT, 1.0, 3), "kind must be 0"),
+    (lambda: K.xent_fwd(IMG, TXT, 1.0, 4), "kind must be 0"),
+    (lambda: K.xent_fwd(IMG, TXT, 1.0, K.XENT_MULTILABEL), "kind 3 takes labels, got neither"),
+    (lambda: K.xent_fwd(IMG, TXT, 1.0, K.XENT_MULTILABEL, torch.tensor([0, 2]), None, 2),
+     "labels must lie in \\[0, 2\\)"),
+    (lambda: K.xent_fwd(IMG, TXT, 1.0, K.XENT_MULTILABEL, torch.tensor([0, 0]), None, 3),
+     "N = 4 is not a multiple of group = 3"),
+    (lambda: K.xent_bwd(IMG, TXT, 1.0, K.XENT_UNIFORM, None, None, torch.zeros(2), torch.zeros(2), 0),
+     "group must be an int >= 1"),
     (lambda: K.xent_fwd(IMG, TXT, 1.0, K.XENT_INDEX), "kind 0 takes labels, got neither"),
     (lambda: K.xent_fwd(IMG, TXT, 1.0, K.XENT_UNIFORM, targets=torch.zeros(2, 4)), "kind 1 takes neither"),
     (lambda: K.xent_fwd(IMG, TXT, 1.0, K.XENT_INDEX, torch.tensor([0, 4])), "labels must lie in \\[0, 4\\)"),
@@ -282,7 +327,8 @@ IMG, TXT = torch.zeros(2, 3), torch.zeros(4, 3)  # B = 2, N = 4, D = 3
     (lambda: K.xent_bwd(IMG, TXT, 1.0, K.XENT_UNIFORM, None, None, torch.zeros(3), torch.zeros(2)),
      "lse must have shape \\(2,\\)"),
     (lambda: K.l2norm_fwd(IMG, 0.0), "eps must be > 0"),
-    (lambda: K.l2norm_bwd(torch.zeros(2, 4), IMG, torch.zeros(2)), "dy must have shape \\(2, 3\\)"),
+    (lambda: K.l2norm_bwd(torch.zeros(2, 4), IMG, torch.zeros(2), 1e-12), "dy must have shape \\(2, 3\\)"),
+    (lambda: K.l2norm_bwd(IMG, IMG, torch.zeros(2), 0.0), "eps must be > 0"),
     (lambda: K.mix(IMG, IMG, torch.zeros(3)), "lam must have shape \\(2,\\)"),
     (lambda: K.ortho_fwd(torch.zeros(2, 3, 4), 2), "mode must be 0"),
     (lambda: K.ortho_bwd(IMG, 0, 1.0), "yn must have 3 dims"),
