@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from promptkit import ops
 from promptkit.clip import PromptLearner
 from promptkit.distributed import encode_prompts
-from promptkit.methods.base import Method, cosine_lr, train_loop
+from promptkit.methods.base import Method
 from promptkit.methods.mcm import score_and_classify
+from promptkit.methods.training import Stage, fit_positive_prompts
 
 
 @dataclass
@@ -30,28 +29,6 @@ class CoOpConfig:
     seed: int = 1
 
 
-def clip_logit_scale(clip) -> float:
-    """CLIP's learned logit scale exp(t) (about 100 for OpenAI weights), the scale of the training logits."""
-    return float(clip.model.logit_scale.exp())
-
-
-def fit_positive_prompts(prompts: PromptLearner, clip, features: Tensor, labels: Tensor, epochs: int,
-                         batch_size: int, lr: float, momentum: float, weight_decay: float, warmup_epochs: int,
-                         seed: int, backend: str, progress: bool, desc: str) -> list[float]:
-    """CoOp's stage: cross-entropy of logit_scale * cos(image, prompts) towards the labels, SGD + cosine."""
-    optimizer = torch.optim.SGD(prompts.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = cosine_lr(optimizer, epochs, warmup_epochs)
-    scale = clip_logit_scale(clip)
-
-    def loss_fn(index: Tensor) -> Tensor:
-        text = encode_prompts(prompts)[0]
-        logits = ops.cosine_logits(features[index], text, scale, backend=backend)
-        return F.cross_entropy(logits, labels[index])
-
-    return train_loop(loss_fn, list(prompts.parameters()), optimizer, len(features), epochs, batch_size, seed,
-                      desc, progress, scheduler)
-
-
 class CoOp(Method):
     """Context optimisation: [SOS] + learned context + class name; MCM score on the learned prompts."""
 
@@ -66,9 +43,9 @@ class CoOp(Method):
 
     def fit(self, features: Tensor, labels: Tensor, progress: bool = True) -> "CoOp":
         c = self.config
-        self.info["loss"] = fit_positive_prompts(
-            self.prompts, self.clip, features, labels, c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay,
-            c.warmup_epochs, c.seed, self.backend, progress, "coop")
+        stage = Stage(c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, warmup_epochs=c.warmup_epochs)
+        self.info["loss"] = fit_positive_prompts(self.prompts, self.clip, features, labels, stage, c.seed,
+                                                 self.backend, progress, "coop")
         return self
 
     @torch.no_grad()
@@ -83,3 +60,8 @@ class CoOp(Method):
 
     def load_state(self, tensors: dict[str, Tensor]) -> None:
         self.prompts.ctx.data.copy_(tensors["ctx"])
+
+    @torch.no_grad()
+    def head_text(self) -> Tensor:
+        """text_features() on this rank alone: ``save`` runs on rank 0 only, encode_prompts would wait for the rest."""
+        return self.prompts()[0]

@@ -20,7 +20,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -30,10 +31,18 @@ from torch import Tensor
 from promptkit import ops
 from promptkit.clip import PromptLearner
 from promptkit.distributed import encode_prompts
-from promptkit.methods.base import Method, cosine_lr, train_loop
-from promptkit.methods.coop import clip_logit_scale
-from promptkit.methods.negmine import NegativeLabels, load_vocabulary, mine_negative_labels, negative_labels_from_json
+from promptkit.methods.base import Method
+from promptkit.methods.training import Stage, clip_logit_scale, train_loop
+from promptkit.methods.negmine import (
+    MINING_TEMPLATES,
+    PERCENTILE_RULES,
+    NegativeLabels,
+    load_vocabulary,
+    mine_negative_labels,
+    negative_labels_from_json,
+)
 from promptkit.methods.neglabel import grouped_neglabel_score
+from promptkit.ops.reference import GROUP_ORDERS
 
 # TIP-Adapter's templates: the frozen label features that cross-modal mixing draws from.
 MIX_TEMPLATES = ("a bad photo of the {}.", "a {} in a video game.", "a origami {}.", "a photo of the small {}.",
@@ -43,10 +52,15 @@ OOD_TARGETS = ("negatives", "uniform")
 
 @dataclass
 class LAPTConfig:
+    compat: str = "paper"  # "official-code": the released mining and script (see PRESETS)
     n_ctx: int = 4
     train_negatives: int = 1000
     test_negatives: int = 10000
     percentile: float = 0.95
+    # NegLabel's NegMine prompts (the paper); "lapt-code": with a final period
+    mining_templates: str = field(default="neglabel", metadata={"choices": tuple(MINING_TEMPLATES)})
+    # NegLabel's; "sorted-index": floor(0.95 C) of the sorted cosines (code)
+    percentile_rule: str = field(default="quantile", metadata={"choices": PERCENTILE_RULES})
     vocabulary: str | None = None  # a word list file; None: the shipped WordNet list
     images_per_label: int = 16  # retrieval: top-k pool images per label
     cross_modal: bool = True
@@ -62,9 +76,21 @@ class LAPTConfig:
     temperature: float = 0.01  # test score
     groups: int = 100
     group_seed: int = 0
+    group_order: str = field(default="drop-then-permute", metadata={"choices": GROUP_ORDERS})
     seed: int = 1
 
+    # The released OpenOOD-VLM code: its mining templates and percentile index, and its script's mixing
+    # (cross-modal only: cross-distribution mixing is off, beta = 0).
+    PRESETS: ClassVar[dict] = {"compat": {
+        "paper": {},
+        "official-code": dict(mining_templates="lapt-code", percentile_rule="sorted-index", cross_distribution=False),
+    }}
+
     def __post_init__(self) -> None:
+        for name, allowed in (("compat", ("paper", "official-code")), ("mining_templates", tuple(MINING_TEMPLATES)),
+                              ("percentile_rule", PERCENTILE_RULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"lapt: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.ood_target not in OOD_TARGETS:
             raise ValueError(f"lapt: ood_target must be one of {OOD_TARGETS}, got {self.ood_target!r}")
         if self.train_negatives < 1 or self.test_negatives < 1:
@@ -125,7 +151,8 @@ class LAPT(Method):
         if "negative_labels" not in self.info:
             vocabulary = load_vocabulary(c.vocabulary)
             mined = {split: mine_negative_labels(self.clip, self.class_names, vocabulary, count, None, c.percentile,
-                                                 cache_dir, progress)
+                                                 cache_dir, progress, MINING_TEMPLATES[c.mining_templates],
+                                                 c.percentile_rule)
                      for split, count in (("train", c.train_negatives), ("test", c.test_negatives))}
             self.info["negative_labels"] = {split: labels.to_json() for split, labels in mined.items()}
         saved = self.info["negative_labels"]
@@ -162,10 +189,9 @@ class LAPT(Method):
         rng = np.random.default_rng(c.seed)  # lam draws
         generator = torch.Generator().manual_seed(c.seed + 1)  # template and partner draws
         parameters = [self.id_prompts.ctx, self.neg_prompts.ctx]
-        optimizer = torch.optim.SGD(parameters, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                                    nesterov=True)
-        steps = c.epochs * -(-len(labels) // c.batch_size)
-        scheduler = cosine_lr(optimizer, steps)
+        stage = Stage(c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, nesterov=True, per_step=True)
+        optimizer = stage.sgd(parameters)
+        scheduler = stage.scheduler(optimizer, len(labels))
         counts = {"cross_distribution_batches": 0, "batches": 0}
 
         def loss_fn(index: Tensor) -> Tensor:
@@ -191,7 +217,7 @@ class LAPT(Method):
             return loss
 
         self.info["loss"] = train_loop(loss_fn, parameters, optimizer, len(labels), c.epochs, c.batch_size, c.seed,
-                                       "lapt", progress, scheduler, step_scheduler_per_batch=True)
+                                       "lapt", progress, scheduler, stage.step_scheduler)
         self.info.update(counts, train_images={"id": int((labels < num_id).sum()),
                                                "negative": int((labels >= num_id).sum())})
         self._test_text = None
@@ -216,7 +242,7 @@ class LAPT(Method):
         id_text, neg_text = self.text_features()
         c = self.config
         return grouped_neglabel_score(features, id_text, neg_text, c.temperature, c.groups, c.group_seed,
-                                      self.backend)
+                                      self.backend, c.group_order)
 
     def state(self) -> dict[str, Tensor]:
         return {"id_ctx": self.id_prompts.ctx, "negative_ctx": self.neg_prompts.ctx}
@@ -225,3 +251,5 @@ class LAPT(Method):
         self.id_prompts.ctx.data.copy_(tensors["id_ctx"])
         self.neg_prompts.ctx.data.copy_(tensors["negative_ctx"])
         self._test_text = None
+
+    head_names = ("id", "negative")

@@ -6,16 +6,26 @@ turn, one epoch each (as the official code does): while set k trains, the other 
 computed once and held fixed, so each step encodes only the C prompts being learned.
 Test score (Eq. 13-14): S_MCM(T) - mean_k S_MinCM_k(neg_T).
 
-``positive="cocoop"`` learns the positive prompt the CoCoOp way (a 4-token context shifted per image by a
-meta-net), LSN's "CoCoOp+LSN" variant; its MCM term is then computed per image.
+Shots: the paper says negative prompts "benefit from a large number of training samples" and uses "a relatively
+large number" (Appendix D, J) without the count; the released code trains on 128 images per class
+(``train_data_128`` in ``main_feature_100_upload.py``), so ``LSN.default_shots`` is 128.
 
-``compat="official-code"`` switches to the released code's choices: lambda = 1, negative lr 2e-3, cross-entropy
-on already-softmaxed logits (a double softmax), and the test score MCM + mean_k max_c softmax((1 - cos) / 5).
+``positive="cocoop"`` learns the positive prompt the CoCoOp way (a 4-token context shifted per image by a
+meta-net), LSN's "CoCoOp+LSN" variant; its MCM term is then computed per image. It also selects Appendix D.0.2's
+CoCoOp schedule for both stages: 10 epochs at batch 1 (positive and negatives), 4 context tokens.
+
+``compat="official-code"`` switches to the released code (``main_feature_100_upload.py``): positive SGD lr 1e-3
+with the cross-entropy taken of softmax(100 cos) (a double softmax), negative Adam lr 2e-3 with the same double
+softmax on 20 (1 - cos), the orthogonality term of the code (``ortho="code"``: for the set being trained, the
+mean over classes of (cos to set j + cos to set l) / 2 with the signed cosine, weight 1; in the paper's Eq. 7
+units that is 2C times weaker than lambda = 1 on sum |cos|) and the test score MCM + mean_k max_c
+softmax((1 - cos) / 5). Presets are applied before the user's ``--set`` values, which always win.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +35,19 @@ from tqdm.auto import tqdm
 from promptkit import ops
 from promptkit.clip import ConditionalPromptLearner, PromptLearner
 from promptkit.distributed import encode_prompts
-from promptkit.methods.base import Method, cosine_lr, train_loop
-from promptkit.methods.coop import clip_logit_scale, fit_positive_prompts
+from promptkit.methods.base import Method
+from promptkit.methods.training import Stage, clip_logit_scale, cosine_lr, fit_positive_prompts, train_loop
 from promptkit.methods.mcm import score_and_classify
 
 COMPAT = ("paper", "official-code")
+ORTHO_FORMS = ("paper", "code")
 
 
 @dataclass
 class LSNConfig:
     compat: str = "paper"
     # stage 1: positive prompt. "coop": shared context; "cocoop": 4 tokens from "a photo of a" shifted per image
-    # by a meta-net (then, unless set, 10 epochs at batch 1, LSN's CoCoOp setting)
+    # by a meta-net (with CoCoOp's schedule, see PRESETS)
     positive: str = "coop"
     n_ctx: int = 16
     pos_epochs: int = 50
@@ -44,6 +55,7 @@ class LSNConfig:
     pos_lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    pos_double_softmax: bool = False  # the released code: cross-entropy of softmax(100 cos)
     # stage 2: K sets of class-specific negative prompts
     n_neg_ctx: int = 16
     n_sets: int = 3
@@ -51,29 +63,35 @@ class LSNConfig:
     neg_batch_size: int = 8
     neg_lr: float = 1e-3
     neg_temperature_train: float = 0.05
+    # "paper": Eq. 7, sum over pairs of |cos|; "code": the released code's signed mean
+    ortho: str = field(default="paper", metadata={"choices": ORTHO_FORMS})
     ortho_weight: float = 0.1
     double_softmax: bool = False
     # test score
     temperature: float = 1.0
     neg_temperature: float = 5.0
-    score: str = "paper"  # "paper": MCM - MinCM; "official": MCM + mean_k max softmax((1 - cos) / neg_T)
+    # "paper": MCM - MinCM; "official": MCM + mean_k max softmax((1 - cos) / neg_T)
+    score: str = field(default="paper", metadata={"choices": ("paper", "official")})
     cache_frozen_text: bool = True  # encode the other sets once per set switch (False: every step)
     seed: int = 1
 
+    PRESETS: ClassVar[dict] = {
+        "compat": {
+            "paper": {},
+            "official-code": dict(pos_lr=1e-3, pos_double_softmax=True, neg_lr=2e-3, double_softmax=True,
+                                  ortho="code", ortho_weight=1.0, score="official"),
+        },
+        "positive": {
+            "coop": {},
+            "cocoop": dict(n_ctx=4, pos_epochs=10, pos_batch_size=1, neg_epochs=10, neg_batch_size=1),
+        },
+    }
+
     def __post_init__(self) -> None:
-        if self.compat not in COMPAT:
-            raise ValueError(f"lsn: compat must be one of {COMPAT}, got {self.compat!r}")
-        if self.compat == "official-code":
-            self.ortho_weight, self.neg_lr, self.double_softmax, self.score = 1.0, 2e-3, True, "official"
-        if self.score not in ("paper", "official"):
-            raise ValueError(f"lsn: score must be 'paper' or 'official', got {self.score!r}")
-        if self.positive not in ("coop", "cocoop"):
-            raise ValueError(f"lsn: positive must be 'coop' or 'cocoop', got {self.positive!r}")
-        if self.positive == "cocoop":  # CoCoOp's own settings where the CoOp defaults are still in place
-            defaults = {"pos_epochs": (50, 10), "pos_batch_size": (8, 1), "n_ctx": (16, 4)}
-            for name, (coop_value, cocoop_value) in defaults.items():
-                if getattr(self, name) == coop_value:
-                    setattr(self, name, cocoop_value)
+        for name, allowed in (("compat", COMPAT), ("positive", ("coop", "cocoop")), ("ortho", ORTHO_FORMS),
+                              ("score", ("paper", "official"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"lsn: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 class LSN(Method):
@@ -81,6 +99,7 @@ class LSN(Method):
 
     name = "lsn"
     Config = LSNConfig
+    default_shots = 128  # the released code's; the paper asks for "a relatively large number" (Appendix J)
 
     def __init__(self, clip, class_names, config=None, backend="auto"):
         super().__init__(clip, class_names, config, backend)
@@ -98,9 +117,10 @@ class LSN(Method):
         if self.conditional is not None:
             self.info["positive_loss"] = self._fit_conditional(features, labels, progress)
         else:
-            self.info["positive_loss"] = fit_positive_prompts(
-                self.positive, self.clip, features, labels, c.pos_epochs, c.pos_batch_size, c.pos_lr, c.momentum,
-                c.weight_decay, 0, c.seed, self.backend, progress, "lsn positive")
+            stage = Stage(c.pos_epochs, c.pos_batch_size, c.pos_lr, c.momentum, c.weight_decay)
+            self.info["positive_loss"] = fit_positive_prompts(self.positive, self.clip, features, labels, stage,
+                                                              c.seed, self.backend, progress, "lsn positive",
+                                                              double_softmax=c.pos_double_softmax)
         self.info["negative_loss"] = self._fit_negatives(features, labels, progress)
         return self
 
@@ -108,17 +128,20 @@ class LSN(Method):
         """CoCoOp: cross-entropy of logit_scale * cos(image, its own prompts), context and meta-net learned."""
         c = self.config
         parameters = list(self.conditional.parameters())
-        optimizer = torch.optim.SGD(parameters, lr=c.pos_lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        scheduler = cosine_lr(optimizer, c.pos_epochs)
+        stage = Stage(c.pos_epochs, c.pos_batch_size, c.pos_lr, c.momentum, c.weight_decay)
+        optimizer = stage.sgd(parameters)
+        scheduler = stage.scheduler(optimizer, len(features))
         scale = clip_logit_scale(self.clip)
 
         def loss_fn(index: Tensor) -> Tensor:
             image = features[index]
             logits = scale * _per_image_cosines(image, self.conditional(image))
+            if c.pos_double_softmax:
+                logits = torch.softmax(logits, dim=-1)
             return F.cross_entropy(logits, labels[index])
 
         return train_loop(loss_fn, parameters, optimizer, len(features), c.pos_epochs, c.pos_batch_size, c.seed,
-                          "lsn positive (cocoop)", progress, scheduler)
+                          "lsn positive (cocoop)", progress, scheduler, stage.step_scheduler)
 
     def _negative_loss(self, image: Tensor, neg_text: Tensor, labels: Tensor) -> Tensor:
         c = self.config
@@ -143,9 +166,12 @@ class LSN(Method):
                         with torch.no_grad():
                             frozen = encode_prompts(self.negative)
                     current = encode_prompts(self.negative, sets=[k])[0]  # [C, E]
-                    sets = torch.cat([frozen[:k], current[None], frozen[k + 1:]])
                     loss = self._negative_loss(features[index], current, labels[index])
-                    ortho = ops.orthogonality_loss(sets.transpose(0, 1), "abs_sum", backend=self.backend)
+                    if c.ortho == "code":
+                        ortho = code_orthogonality(current, torch.cat([frozen[:k], frozen[k + 1:]]))
+                    else:
+                        sets = torch.cat([frozen[:k], current[None], frozen[k + 1:]])
+                        ortho = ops.orthogonality_loss(sets.transpose(0, 1), "abs_sum", backend=self.backend)
                     return loss + c.ortho_weight * ortho
 
                 # Only slice k of ctx receives gradient, so optimizer k (its own Adam state) moves set k alone.
@@ -209,6 +235,26 @@ class LSN(Method):
         if self.conditional is not None:
             self.conditional.meta_net.load_state_dict(
                 {k.removeprefix("meta_net."): v for k, v in tensors.items() if k.startswith("meta_net.")})
+
+    head_names = ("positive", "negative")
+    conditional = None  # what a scorer rebuilt from a saved head (Method.from_head) sees: no CoCoOp prompts
+
+    @torch.no_grad()
+    def head_text(self) -> tuple[Tensor, Tensor] | None:
+        """text_features() on this rank alone (``save`` runs on rank 0 only); None with the CoCoOp positive, whose
+        prompts depend on each image: its score needs the text tower."""
+        if self.conditional is not None:
+            return None
+        return self.positive()[0], self.negative().transpose(0, 1)
+
+
+def code_orthogonality(current: Tensor, others: Tensor) -> Tensor:
+    """The released code's orthogonality term for the set being trained: the mean over the C classes of
+    (sum over the other sets j of cos(current_c, others_jc)) / 2, with the signed cosine.
+
+    current [C, E] (the set being learned), others [K-1, C, E] (the other sets, held fixed) -> scalar.
+    """
+    return F.cosine_similarity(current[None], others, dim=-1).sum(dim=0).mean() / 2
 
 
 def _per_image_cosines(image: Tensor, text: Tensor) -> Tensor:

@@ -9,13 +9,14 @@ reload scores without mining again.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from promptkit import ops
 from promptkit.methods.base import Method
+from promptkit.ops.reference import GROUP_ORDERS
 from promptkit.methods.negmine import (
     ID_TEMPLATE,
     NegativeLabels,
@@ -35,14 +36,17 @@ class NegLabelConfig:
     temperature: float = 0.01
     groups: int = 100  # capped at M
     group_seed: int = 0
+    # the released code's; "permute-then-drop" (ops.neglabel_score)
+    group_order: str = field(default="drop-then-permute", metadata={"choices": GROUP_ORDERS})
 
 
 def grouped_neglabel_score(features: Tensor, id_text: Tensor, neg_text: Tensor, temperature: float, groups: int,
-                           seed: int, backend: str) -> tuple[Tensor, Tensor]:
+                           seed: int, backend: str, group_order: str = "drop-then-permute") -> tuple[Tensor, Tensor]:
     """NegLabel score [N] and the nearest ID class [N] of image features [N, E]; id_text [C, E], neg_text [M, E]."""
     id_text, neg_text = id_text.to(features), neg_text.to(features)
     groups = max(1, min(groups, neg_text.shape[0]))
-    score = ops.neglabel_score(features, id_text, neg_text, temperature, groups, seed, backend=backend)
+    score = ops.neglabel_score(features, id_text, neg_text, temperature, groups, seed, backend=backend,
+                               group_order=group_order)
     return score, ops.cosine_logits(features, id_text, backend=backend).argmax(dim=-1)
 
 
@@ -77,4 +81,6 @@ class NegLabel(Method):
         id_text, neg_text = self.text_features()
         c = self.config
         return grouped_neglabel_score(features, id_text, neg_text, c.temperature, c.groups, c.group_seed,
-                                      self.backend)
+                                      self.backend, c.group_order)
+
+    head_names = ("id", "negative")

@@ -37,6 +37,25 @@ NOUN_TEMPLATE = "the nice {}"
 ADJECTIVE_TEMPLATE = "This is a {} photo"
 ID_TEMPLATE = NOUN_TEMPLATE
 POS = ("noun", "adjective")
+# How a candidate's cosines to the C ID labels become its distance: "quantile" (torch.quantile, linear
+# interpolation; NegLabel's code) or "sorted-index" (the value at index floor(percentile * C) of the ascending
+# cosines; LAPT's released mining, ``get_selected_ood_text_list`` in OpenOOD-VLM).
+PERCENTILE_RULES = ("quantile", "sorted-index")
+
+
+@dataclass(frozen=True)
+class MiningTemplates:
+    """The prompts NegMine embeds: nouns, adjectives and the ID class names."""
+
+    noun: str = NOUN_TEMPLATE
+    adjective: str = ADJECTIVE_TEMPLATE
+    id: str = ID_TEMPLATE
+
+
+# NegLabel's templates, and LAPT's released ones (``wordnet_prepare_via_clip.py``: with a final period; CLIP's
+# tokenizer lower-cases, so only the period differs).
+MINING_TEMPLATES = {"neglabel": MiningTemplates(),
+                    "lapt-code": MiningTemplates("The nice {}.", "This is a {} photo.", "The nice {}.")}
 
 
 @dataclass(frozen=True)
@@ -145,13 +164,23 @@ def embed_words(clip, words: list[str] | tuple[str, ...], template: str,
 
 # -- mining ---------------------------------------------------------------------------------------------
 
-def word_distances(candidates: Tensor, id_text: Tensor, percentile: float = 0.95, chunk: int = 4096) -> Tensor:
-    """The ``percentile`` quantile (linear interpolation, as ``torch.quantile``) over the C ID labels of each
-    candidate's cosine to them. candidates [N, E], id_text [C, E] (both L2-normalised) -> [N]."""
+def word_distances(candidates: Tensor, id_text: Tensor, percentile: float = 0.95, chunk: int = 4096,
+                   rule: str = "quantile") -> Tensor:
+    """The ``percentile`` point over the C ID labels of each candidate's cosine to them (``rule``: see
+    ``PERCENTILE_RULES``). candidates [N, E], id_text [C, E] (both L2-normalised) -> [N]."""
     if not 0 <= percentile <= 1:
         raise ValueError(f"percentile must be in [0, 1], got {percentile}")
+    if rule not in PERCENTILE_RULES:
+        raise ValueError(f"percentile rule must be one of {PERCENTILE_RULES}, got {rule!r}")
     id_text = id_text.to(candidates)
-    out = [torch.quantile(part @ id_text.T, percentile, dim=1) for part in candidates.split(chunk)]
+    index = min(int(id_text.shape[0] * percentile), id_text.shape[0] - 1)
+
+    def point(cos: Tensor) -> Tensor:
+        if rule == "quantile":
+            return torch.quantile(cos, percentile, dim=1)
+        return cos.sort(dim=1).values[:, index]
+
+    out = [point(part @ id_text.T) for part in candidates.split(chunk)]
     return torch.cat(out) if out else candidates.new_empty(0)
 
 
@@ -210,6 +239,8 @@ def mine_negative_labels(
     percentile: float = 0.95,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    templates: MiningTemplates = MiningTemplates(),
+    percentile_rule: str = "quantile",
 ) -> NegativeLabels:
     """NegMine: the candidates with the lowest ``percentile`` cosine to the ID labels.
 
@@ -225,19 +256,19 @@ def mine_negative_labels(
         "adjective": [w for w in vocabulary.adjectives if _normalised_name(w) not in id_names],
     }
     n_keep = dict(zip(POS, split_counts(len(pools["noun"]), len(pools["adjective"]), count, share)))
-    id_text = embed_words(clip, list(class_names), ID_TEMPLATE, cache_dir, progress=progress, use_cache=False)
+    id_text = embed_words(clip, list(class_names), templates.id, cache_dir, progress=progress, use_cache=False)
     words, pos, distances = [], [], []
-    for kind, template in zip(POS, (NOUN_TEMPLATE, ADJECTIVE_TEMPLATE)):
+    for kind, template in zip(POS, (templates.noun, templates.adjective)):
         if not n_keep[kind]:
             continue
         features = embed_words(clip, pools[kind], template, cache_dir, progress=progress)
-        distance = word_distances(features, id_text, percentile)
+        distance = word_distances(features, id_text, percentile, rule=percentile_rule)
         order = torch.sort(distance, stable=True).indices[: n_keep[kind]]
         words += [pools[kind][i] for i in order.tolist()]
         pos += [kind] * len(order)
         distances.append(distance[order])
     if not words:
-        raise ValueError("NegMine selected no negative labels; raise the count or share")
+        raise DataError("NegMine selected no negative labels; raise the count or share")
     return NegativeLabels(tuple(words), tuple(pos), torch.cat(distances))
 
 

@@ -2,18 +2,39 @@
 
 Stage 1 learns a shared positive context (CoOp, initialised from "a photo of a"). Stage 2 freezes it (its text
 features are computed once) and learns p shared negative contexts, started from the positive one plus small
-noise, with L_NIS + beta L_NPD + gamma L_NND (Eq. 4-7). Score (Eq. 3): the largest positive-prompt probability in
-one softmax over all C positive and C*p negative prompts.
+noise, with L_NIS + beta L_NPD + gamma L_NND. Score (Eq. 3): the largest positive-prompt probability in one
+softmax over all C positive and C*p negative prompts.
+
+L_NIS (``nis``): the default is the objective the authors' released code trains with (``"msp"``,
+``core/train_clip.py`` ``train_nega_clip`` with ``open_set_method='MSP'``, the value its scripts run): a
+multi-label soft margin over all C(1+p) logits with target 1 on the image's own class positive and its p
+negatives. Eq. 4 read literally (``"eq4"``: a uniform target over the negatives only) cannot produce the paper's
+results: moving every negative prompt onto one common vector reaches its global minimum log(C p) for any such
+vector, so nothing in it keeps negatives away from ID images. On the embedded default it puts the negatives
+closer to the ID images (mean cosine 0.46) than the positives (0.33), and the score falls to chance (AUROC
+49.6 over three seeds, README). ``"oe"`` is the code's other branch (uniform over all C(1+p) logits).
+L_NPD's sign and L_NND's form follow the branch as in the released code (``npd``, ``nnd``; see
+``ops.negprompt_loss``).
 
 Open-vocabulary mode (``train_classes="10%"``): both stages learn on the first 10 % of the ID classes; because
 the contexts are shared, scoring forms prompts for every ID class name with them.
 
-``compat="official-code"`` uses the released code's stage-2 schedule: SGD lr 0.1 for 100 epochs.
+``compat="official-code"``: the released code's schedule (``osr_nega_prompt.py`` with the scripts' settings):
+``SGD(lr=0.1)`` without momentum or weight decay in both stages, batch 64, ``CosineAnnealingLR(T_max=50)``
+stepped after every batch and again after every epoch, 100 epochs in both stages (the script sets
+``options['max-epoch'] = 15`` for stages 2/3, but its loop reads ``options['max_epoch']``, the argparse default
+100), prompts without a trailing period and CLIP's own logit scale in training. The scripts run stage 1 and then
+"stage 3": stage 3 is the negative stage (``forward_negative``) that also saves the checkpoint with the best
+AUROC on the test set's ID and OOD images. promptkit does not select on test data (that would tune on the OOD
+test set) and trains the stated number of epochs; stage 2 is the same training without saving, and stages 4/5
+only reload and evaluate. The released stage-2 loss also adds 1e-8 x the positive cross-entropy, which has no
+gradient with the positives frozen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -21,23 +42,35 @@ from torch import Tensor
 from promptkit import ops
 from promptkit.clip import PromptLearner
 from promptkit.distributed import encode_prompts
-from promptkit.methods.base import Method, cosine_lr, train_loop
-from promptkit.methods.coop import fit_positive_prompts
+from promptkit.methods.base import Method
+from promptkit.methods.training import LR_SCHEDULES, Stage, clip_logit_scale, fit_positive_prompts, train_loop
 
 COMPAT = ("paper", "official-code")
+NIS_FORMS = ("msp", "oe", "eq4")
+NPD_FORMS = ("auto", "push", "pull")
+NND_FORMS = ("auto", "mean", "pairwise")
 
 
 @dataclass
 class NegPromptConfig:
     compat: str = "paper"
+    # L_NIS: "msp" (released code), "oe", "eq4" (Eq. 4 literally; degenerate)
+    nis: str = field(default="msp", metadata={"choices": NIS_FORMS})
+    # L_NPD: "push" / "pull"; auto: push for msp, pull for oe and eq4
+    npd: str = field(default="auto", metadata={"choices": NPD_FORMS})
+    # L_NND: "mean" (code) / "pairwise" (Eq. 6); auto: mean for msp and oe, pairwise for eq4
+    nnd: str = field(default="auto", metadata={"choices": NND_FORMS})
     ctx_init: str = "a photo of a"
+    prompt_suffix: str = "."  # text after the class name (the released code: none)
     train_classes: str = "100%"  # "10%": open-vocabulary mode, learn on the first 10 % of the classes
+    # both stages; "restarts-50": the released code's (see the module docstring)
+    lr_schedule: str = field(default="cosine", metadata={"choices": LR_SCHEDULES})
     # stage 1: positive prompt
     pos_epochs: int = 100
     pos_batch_size: int = 32
     pos_lr: float = 0.002
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # stage 1 (CoOp's); stage 2 uses none
     # stage 2: negative prompts
     n_neg: int = 2  # p negative prompts per class
     neg_epochs: int = 10
@@ -46,16 +79,22 @@ class NegPromptConfig:
     init_noise: float = 1e-5  # negatives start at the positive context + U(-noise, noise)
     beta: float = 0.1
     gamma: float = 0.05
-    train_temperature: float = 0.01  # CLIP's scale 100 on the cosine
+    train_temperature: float | None = 0.01  # None: CLIP's own logit scale (the released code)
     temperature: float = 1.0  # test score
     cache_frozen_text: bool = True  # encode the frozen positives once in stage 2 (False: every step)
     seed: int = 1
 
+    PRESETS: ClassVar[dict] = {"compat": {
+        "paper": {},
+        "official-code": dict(pos_lr=0.1, neg_lr=0.1, momentum=0.0, weight_decay=0.0, pos_batch_size=64,
+                              neg_batch_size=64, pos_epochs=100, neg_epochs=100, lr_schedule="restarts-50",
+                              prompt_suffix="", train_temperature=None, nis="msp"),
+    }}
+
     def __post_init__(self) -> None:
-        if self.compat not in COMPAT:
-            raise ValueError(f"negprompt: compat must be one of {COMPAT}, got {self.compat!r}")
-        if self.compat == "official-code":
-            self.neg_lr, self.neg_epochs = 0.1, 100
+        for name, allowed in (("compat", COMPAT), ("nis", NIS_FORMS), ("npd", NPD_FORMS), ("nnd", NND_FORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"negprompt: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.n_neg < 1:
             raise ValueError(f"negprompt: n_neg must be >= 1, got {self.n_neg}")
         train_class_count(self.train_classes, 1)  # validates the format
@@ -88,8 +127,9 @@ class NegPrompt(Method):
         super().__init__(clip, class_names, config, backend)
         c = self.config
         torch.manual_seed(c.seed)
-        self.positive = PromptLearner(clip, self.class_names, ctx_init=c.ctx_init)
-        self.negative = PromptLearner(clip, self.class_names, n_ctx=self.positive.n_ctx, n_sets=c.n_neg)
+        self.positive = PromptLearner(clip, self.class_names, ctx_init=c.ctx_init, suffix=c.prompt_suffix)
+        self.negative = PromptLearner(clip, self.class_names, n_ctx=self.positive.n_ctx, n_sets=c.n_neg,
+                                      suffix=c.prompt_suffix)
 
     def fit(self, features: Tensor, labels: Tensor, progress: bool = True) -> "NegPrompt":
         c = self.config
@@ -101,33 +141,36 @@ class NegPrompt(Method):
                 prompts.set_class_names(self.class_names[:known])
         self.info["train_classes"] = known
         try:
-            self.info["positive_loss"] = fit_positive_prompts(
-                self.positive, self.clip, features, labels, c.pos_epochs, c.pos_batch_size, c.pos_lr, c.momentum,
-                c.weight_decay, 0, c.seed, self.backend, progress, "negprompt positive")
-            self.info["negative_loss"] = self._fit_negatives(features, progress)
+            stage = Stage(c.pos_epochs, c.pos_batch_size, c.pos_lr, c.momentum, c.weight_decay,
+                          lr_schedule=c.lr_schedule)
+            self.info["positive_loss"] = fit_positive_prompts(self.positive, self.clip, features, labels, stage,
+                                                              c.seed, self.backend, progress, "negprompt positive")
+            self.info["negative_loss"] = self._fit_negatives(features, labels, progress)
         finally:
             for prompts in (self.positive, self.negative):
                 prompts.set_class_names(self.class_names)
         return self
 
-    def _fit_negatives(self, features: Tensor, progress: bool) -> list[float]:
+    def _fit_negatives(self, features: Tensor, labels: Tensor, progress: bool) -> list[float]:
         c = self.config
         with torch.no_grad():
             start = self.positive.ctx.expand_as(self.negative.ctx)
             noise = torch.empty_like(start).uniform_(-c.init_noise, c.init_noise)
             self.negative.ctx.copy_(start + noise)
             positive = self._frozen_positive()  # frozen in stage 2: encoded once
-        optimizer = torch.optim.SGD([self.negative.ctx], lr=c.neg_lr, momentum=c.momentum)
-        scheduler = cosine_lr(optimizer, c.neg_epochs)
+        stage = Stage(c.neg_epochs, c.neg_batch_size, c.neg_lr, c.momentum, lr_schedule=c.lr_schedule)
+        optimizer = stage.sgd([self.negative.ctx])
+        scheduler = stage.scheduler(optimizer, len(features))
+        temperature = c.train_temperature if c.train_temperature is not None else 1 / clip_logit_scale(self.clip)
 
         def loss_fn(index: Tensor) -> Tensor:
             negative = encode_prompts(self.negative).transpose(0, 1)  # [C, p, E]
             frozen = positive if c.cache_frozen_text else self._frozen_positive()
-            return ops.negprompt_loss(features[index], frozen, negative, c.beta, c.gamma, c.train_temperature,
-                                      backend=self.backend)
+            return ops.negprompt_loss(features[index], frozen, negative, c.beta, c.gamma, temperature,
+                                      backend=self.backend, nis=c.nis, labels=labels[index], npd=c.npd, nnd=c.nnd)
 
         return train_loop(loss_fn, [self.negative.ctx], optimizer, len(features), c.neg_epochs, c.neg_batch_size,
-                          c.seed + 1, "negprompt negatives", progress, scheduler)
+                          c.seed + 1, "negprompt negatives", progress, scheduler, stage.step_scheduler)
 
     @torch.no_grad()
     def _frozen_positive(self) -> Tensor:
@@ -150,3 +193,10 @@ class NegPrompt(Method):
     def load_state(self, tensors: dict[str, Tensor]) -> None:
         self.positive.ctx.data.copy_(tensors["positive_ctx"])
         self.negative.ctx.data.copy_(tensors["negative_ctx"])
+
+    head_names = ("positive", "negative")
+
+    @torch.no_grad()
+    def head_text(self) -> tuple[Tensor, Tensor]:
+        """text_features() on this rank alone: ``save`` runs on rank 0 only, encode_prompts would wait for the rest."""
+        return self.positive()[0], self.negative().transpose(0, 1)

@@ -21,6 +21,8 @@ QUICK = {
     "lsn": ("lsn", {"pos_epochs": 1, "neg_epochs": 1}),
     "lsn-cocoop": ("lsn", {"positive": "cocoop", "pos_epochs": 1, "neg_epochs": 1}),
     "negprompt": ("negprompt", {"pos_epochs": 1, "neg_epochs": 2}),
+    "negprompt-official": ("negprompt", {"compat": "official-code", "pos_epochs": 1, "neg_epochs": 2}),
+    "lsn-official": ("lsn", {"compat": "official-code", "pos_epochs": 1, "neg_epochs": 1}),
 }
 
 
