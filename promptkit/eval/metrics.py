@@ -1,14 +1,20 @@
 """OOD detection metrics: AUROC, AUPR-In, AUPR-Out, FPR at 95 % TPR (two conventions), accuracy.
 
-Scores are "higher = more in-distribution". All results are fractions in [0, 1].
+Scores are "higher = more in-distribution" (S). All results are fractions in [0, 1].
 
-FPR95 conventions (``positive=``):
-- ``"id"`` (MCM, LoCoOp, NegLabel, LSN, NegPrompt tables): ID is the positive class. Over the distinct score
-  thresholds down to the first one with full ID recall, take the one whose ID recall is closest to 0.95 and
-  report the fraction of OOD samples scoring at or above it. Ties go to the lowest threshold, as in those
-  repositories' code: several thresholds share a recall when OOD scores fall between two ID scores.
-- ``"ood"`` (OpenOOD v1.5, OpenOOD-VLM, so LAPT): OOD is the positive class with score -S. At the first
-  threshold where at least 95 % of OOD samples are caught, report the fraction of ID samples flagged OOD.
+Conventions (``positive=``) choose the FPR95 and AUPR estimators, each matching its papers' code exactly:
+- ``"id"`` (MCM, LoCoOp, NegLabel, LSN, NegPrompt tables): ID is the positive class.
+  FPR95 is MCM's ``fpr_and_fdr_at_recall``: over the distinct score thresholds down to the first one with full
+  ID recall, take the one whose ID recall is closest to 0.95 and report the fraction of OOD samples scoring at or
+  above it. Ties go to the lowest threshold, as in those repositories' code: several thresholds share a recall
+  when OOD scores fall between two ID scores. AUPR-In / AUPR-Out are ``average_precision_score`` with ID positive
+  on S / OOD positive on -S.
+- ``"ood"`` (OpenOOD v1.5 ``compute_all_metrics``, OpenOOD-VLM, so LAPT): OOD is the positive class with score
+  -S. FPR95 is the FPR of ``roc_curve`` (default ``drop_intermediate=True``) at its first point with TPR >= 0.95;
+  dropping collinear points matters on tied scores. AUPR-In / AUPR-Out are the trapezoid area (``auc``) under
+  ``precision_recall_curve`` with ID positive on S / OOD positive on -S.
+AUROC is ``roc_auc_score`` in both: the area under the ROC curve does not depend on which class is positive.
+``metric_estimators`` names the estimator of each number, for reports.
 """
 
 from __future__ import annotations
@@ -19,11 +25,30 @@ from typing import Literal
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 from torch import Tensor
 
 Positive = Literal["id", "ood"]
 RECALL_LEVEL = 0.95
+
+_AUROC = "roc_auc_score, ID positive on S (the same area as OpenOOD's auc over roc_curve)"
+_ESTIMATORS: dict[str, dict[str, str]] = {
+    "id": {
+        "auroc": _AUROC,
+        "aupr_in": "average_precision_score, ID positive on S (MCM)",
+        "aupr_out": "average_precision_score, OOD positive on -S (MCM)",
+        "fpr95": "MCM fpr_and_fdr_at_recall: ID positive on S, threshold with ID recall closest to 0.95 "
+                 "(ties: the lowest), fraction of OOD at or above it",
+    },
+    "ood": {
+        "auroc": _AUROC,
+        "aupr_in": "OpenOOD v1.5 compute_all_metrics: auc (trapezoid) over precision_recall_curve, ID positive on S",
+        "aupr_out": "OpenOOD v1.5 compute_all_metrics: auc (trapezoid) over precision_recall_curve, "
+                    "OOD positive on -S",
+        "fpr95": "OpenOOD v1.5 compute_all_metrics: roc_curve(drop_intermediate=True), OOD positive on -S, "
+                 "FPR at the first TPR >= 0.95",
+    },
+}
 
 
 def as_scores(x: Tensor | ArrayLike, name: str) -> np.ndarray:
@@ -58,26 +83,35 @@ def _fpr95_id_positive(id_s: np.ndarray, ood_s: np.ndarray) -> float:
 
 
 def _fpr95_ood_positive(id_s: np.ndarray, ood_s: np.ndarray) -> float:
-    # OOD score -S, thresholds descending in -S = ascending in S.
-    scores = np.concatenate([id_s, ood_s])
-    is_ood = np.concatenate([np.zeros(len(id_s), dtype=np.int64), np.ones(len(ood_s), dtype=np.int64)])
-    order = np.argsort(scores, kind="stable")
-    scores, is_ood = scores[order], is_ood[order]
-    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tp = np.cumsum(is_ood)[last]
-    fp = (last + 1) - tp
-    first = int(np.argmax(tp / len(ood_s) >= RECALL_LEVEL))
-    return float(fp[first] / len(id_s))
+    is_ood = np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))]
+    # roc_curve's default drop_intermediate=True is part of OpenOOD's definition: on ties it can drop the first
+    # point reaching 0.95, moving the answer to the next kept one.
+    fpr, tpr, _ = roc_curve(is_ood, -np.r_[id_s, ood_s])
+    return float(fpr[np.argmax(tpr >= RECALL_LEVEL)])
+
+
+def _trapezoid_aupr(positive: np.ndarray, scores: np.ndarray) -> float:
+    precision, recall, _ = precision_recall_curve(positive, scores)
+    return float(auc(recall, precision))
+
+
+def _check_positive(positive: str) -> None:
+    if positive not in _ESTIMATORS:
+        raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}")
+
+
+def metric_estimators(positive: Positive = "id") -> dict[str, str]:
+    """What each ``ood_metrics`` key is under the ``positive`` convention: ``{"auroc", "aupr_in", "aupr_out",
+    "fpr95"}`` mapped to a one-line description of its estimator (see the module docstring)."""
+    _check_positive(positive)
+    return dict(_ESTIMATORS[positive])
 
 
 def fpr_at_95_tpr(id_scores: Tensor | ArrayLike, ood_scores: Tensor | ArrayLike, positive: Positive = "id") -> float:
     """FPR at 95 % TPR under the ``positive`` convention (see the module docstring). ``[N_id]``, ``[N_ood]`` in."""
+    _check_positive(positive)
     id_s, ood_s = as_scores(id_scores, "id_scores"), as_scores(ood_scores, "ood_scores")
-    if positive == "id":
-        return _fpr95_id_positive(id_s, ood_s)
-    if positive == "ood":
-        return _fpr95_ood_positive(id_s, ood_s)
-    raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}")
+    return _fpr95_id_positive(id_s, ood_s) if positive == "id" else _fpr95_ood_positive(id_s, ood_s)
 
 
 def ood_metrics(
@@ -85,20 +119,22 @@ def ood_metrics(
 ) -> dict[str, float]:
     """AUROC, AUPR-In, AUPR-Out and FPR95 of ID scores ``[N_id]`` against OOD scores ``[N_ood]``.
 
-    Higher score = more ID. AUROC is ``roc_auc_score`` with ID = 1 (the same in both conventions); AUPR-In is
-    ``average_precision_score`` with ID positive on S, AUPR-Out with OOD positive on -S; ``fpr95`` follows
-    ``positive``.
+    Higher score = more ID. AUROC is ``roc_auc_score`` with ID = 1 (the same in both conventions); AUPR-In (ID
+    positive on S), AUPR-Out (OOD positive on -S) and ``fpr95`` use the estimators of ``positive``: MCM's for
+    "id", OpenOOD v1.5's for "ood" (the module docstring; ``metric_estimators`` names them).
 
     Returns:
         ``{"auroc", "aupr_in", "aupr_out", "fpr95"}``, fractions in [0, 1].
     """
+    _check_positive(positive)
     id_s, ood_s = as_scores(id_scores, "id_scores"), as_scores(ood_scores, "ood_scores")
     scores = np.concatenate([id_s, ood_s])
     is_id = np.concatenate([np.ones(len(id_s)), np.zeros(len(ood_s))])
+    aupr = average_precision_score if positive == "id" else _trapezoid_aupr
     return {
         "auroc": float(roc_auc_score(is_id, scores)),
-        "aupr_in": float(average_precision_score(is_id, scores)),
-        "aupr_out": float(average_precision_score(1 - is_id, -scores)),
+        "aupr_in": float(aupr(is_id, scores)),
+        "aupr_out": float(aupr(1 - is_id, -scores)),
         "fpr95": fpr_at_95_tpr(id_s, ood_s, positive),
     }
 

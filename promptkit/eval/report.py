@@ -3,9 +3,12 @@
 A results dict looks like::
 
     {"method": "lsn", "id_accuracy": 0.72, "fpr_positive": "id",
+     "estimators": {"auroc": "roc_auc_score, ...", ..., "fpr95_ood_positive": "OpenOOD v1.5 ..."},
      "ood": {"iNaturalist": {"auroc": ..., "aupr_in": ..., "aupr_out": ..., "fpr95": ..., "fpr95_ood_positive": ...}},
      "mean": {...the same keys, averaged over the OOD sets...}}
 
+"fpr_positive" picks the convention of "fpr95", "aupr_in" and "aupr_out" (MCM's estimators for "id", OpenOOD
+v1.5's for "ood"; see ``promptkit.eval.metrics``), and "estimators" names the estimator behind every metric key.
 Metrics are fractions in [0, 1]; the table shows them in percent.
 """
 
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 
 from promptkit.data.atomic import atomic_write
-from promptkit.eval.metrics import Positive, as_scores, fpr_at_95_tpr, ood_metrics
+from promptkit.eval.metrics import Positive, as_scores, fpr_at_95_tpr, metric_estimators, ood_metrics
 
 METRIC_KEYS = ("fpr95", "auroc", "aupr_in", "aupr_out")
 _COMPANION = {"id": "fpr95_ood_positive", "ood": "fpr95_id_positive"}
@@ -50,6 +53,26 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return Path(path)
 
 
+def write_reports(directory: str | os.PathLike[str], metrics: Mapping[str, Any],
+                  scores: Mapping[str, Tensor | np.ndarray] | None = None, plots: bool = False) -> str:
+    """Write ``metrics.json``, ``metrics.md`` and, with ``plots``, the score histograms and ROC curves of
+    ``scores`` (``{"id": ..., ood_name: ...}``) into ``directory``; returns the Markdown table.
+
+    Each file is written atomically; to make the set of them atomic, write into ``atomic_dir``'s staging folder
+    (as ``promptkit.pipeline.save_run`` does).
+    """
+    folder = Path(directory)
+    write_json(folder / "metrics.json", metrics)
+    table = markdown_table(metrics)
+    with atomic_write(folder / "metrics.md") as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
+    if plots and scores:
+        ood = {k: v for k, v in scores.items() if k != "id"}
+        plot_histograms(scores["id"], ood, folder / "score_histograms.png")
+        plot_roc(scores["id"], ood, folder / "roc.png")
+    return table
+
+
 def summarize(
     id_scores: Tensor | np.ndarray,
     ood_scores_by_name: Mapping[str, Tensor | np.ndarray],
@@ -57,11 +80,13 @@ def summarize(
 ) -> dict[str, Any]:
     """Metrics of ID scores ``[N_id]`` against each OOD set's scores ``[N_k]``, and their mean over sets.
 
-    ``fpr95`` follows ``positive``; the other convention is kept as ``fpr95_ood_positive`` (when positive="id")
-    or ``fpr95_id_positive`` (when positive="ood").
+    ``fpr95``, ``aupr_in`` and ``aupr_out`` use the estimators of ``positive``; the other convention's FPR95 is
+    kept as ``fpr95_ood_positive`` (when positive="id") or ``fpr95_id_positive`` (when positive="ood"). "mean"
+    is the unweighted mean over the OOD sets of each per-set value.
 
     Returns:
-        ``{"fpr_positive": positive, "ood": {name: metrics}, "mean": metrics}``.
+        ``{"fpr_positive": positive, "estimators": {key: description}, "ood": {name: metrics}, "mean": metrics}``,
+        with a description of the estimator of every metric key.
     """
     if positive not in _COMPANION:
         raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}")
@@ -76,7 +101,9 @@ def summarize(
         per_set[name] = m
     keys = next(iter(per_set.values())).keys()
     mean = {k: float(np.mean([m[k] for m in per_set.values()])) for k in keys}
-    return {"fpr_positive": positive, "ood": per_set, "mean": mean}
+    estimators = {**metric_estimators(positive),
+                  _COMPANION[positive]: metric_estimators(_OTHER[positive])["fpr95"]}
+    return {"fpr_positive": positive, "estimators": estimators, "ood": per_set, "mean": mean}
 
 
 def _pct(x: Any) -> str:

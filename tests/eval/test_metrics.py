@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from promptkit.eval import accuracy, calibrate_threshold, fpr_at_95_tpr, ood_metrics
+from promptkit.eval import accuracy, calibrate_threshold, fpr_at_95_tpr, metric_estimators, ood_metrics
 
 
 def oracle_fpr95_id_positive(id_s: np.ndarray, ood_s: np.ndarray) -> float:
@@ -19,11 +19,46 @@ def oracle_fpr95_id_positive(id_s: np.ndarray, ood_s: np.ndarray) -> float:
     return float(fpr[best])
 
 
-def oracle_fpr95_ood_positive(id_s: np.ndarray, ood_s: np.ndarray) -> float:
-    """OpenOOD v1.5: OOD positive on -score, ID-as-OOD rate at the first threshold with OOD TPR >= 0.95."""
-    y = np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))]
-    fpr, tpr, _ = roc_curve(y, -np.r_[id_s, ood_s], drop_intermediate=False)
-    return float(fpr[np.argmax(tpr >= 0.95)])
+def openood_v15(id_s: np.ndarray, ood_s: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """OpenOOD v1.5 compute_all_metrics re-derived from its definitions: ``conf`` is ID-high, ``label`` is -1
+    for OOD and an ID class >= 0 otherwise; OOD (label -1) is the positive class with score -conf for the ROC
+    curve and AUPR-Out, ID with score conf for AUPR-In; FPR95 reads the default (drop_intermediate) ROC curve at
+    its first TPR >= 0.95, the AUPRs and AUROC are trapezoids (``auc``) over the sklearn curves."""
+    conf = np.r_[id_s, ood_s]
+    label = np.r_[np.random.default_rng(seed).integers(0, 10, len(id_s)), np.full(len(ood_s), -1)]
+    ood = (label == -1).astype(int)
+    fpr, tpr, _ = roc_curve(ood, -conf)
+    p_in, r_in, _ = precision_recall_curve(1 - ood, conf)
+    p_out, r_out, _ = precision_recall_curve(ood, -conf)
+    return {"fpr95": float(fpr[np.argmax(tpr >= 0.95)]), "auroc": float(auc(fpr, tpr)),
+            "aupr_in": float(auc(r_in, p_in)), "aupr_out": float(auc(r_out, p_out))}
+
+
+def counts_at_thresholds(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positives and negatives scoring >= each distinct score, thresholds descending (no sklearn)."""
+    t = np.unique(np.r_[pos, neg])[::-1, None]
+    return (pos[None, :] >= t).sum(1), (neg[None, :] >= t).sum(1)
+
+
+def first_principles_ood_positive(id_s: np.ndarray, ood_s: np.ndarray) -> dict[str, float]:
+    """The same four numbers from counts alone, pinning the sklearn behaviour OpenOOD relies on: ROC points
+    between two equal steps (same TP and FP increments) are dropped, then (0, 0) is prepended; each PR curve gets
+    the point (recall 0, precision 1) and is integrated with trapezoids."""
+    tp, fp = counts_at_thresholds(-ood_s, -id_s)
+    if len(tp) > 2:
+        step = np.c_[np.diff(tp), np.diff(fp)]
+        keep = np.r_[True, (step[1:] != step[:-1]).any(1), True]
+        tp, fp = tp[keep], fp[keep]
+    tpr, fpr = np.r_[0, tp] / len(ood_s), np.r_[0, fp] / len(id_s)
+
+    def trapezoid_pr(pos: np.ndarray, neg: np.ndarray) -> float:
+        tps, fps = counts_at_thresholds(pos, neg)
+        recall, precision = np.r_[0, tps / len(pos)], np.r_[1, tps / (tps + fps)]
+        return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
+
+    return {"fpr95": float(fpr[np.argmax(tpr >= 0.95)]),
+            "auroc": float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)),
+            "aupr_in": trapezoid_pr(id_s, ood_s), "aupr_out": trapezoid_pr(-ood_s, -id_s)}
 
 
 def random_scores(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,8 +82,83 @@ def test_against_sklearn_oracles(seed: int) -> None:
     assert m["aupr_out"] == pytest.approx(average_precision_score(1 - y, -s), abs=1e-12)
     assert m["fpr95"] == pytest.approx(oracle_fpr95_id_positive(id_s, ood_s), abs=1e-12)
     m_ood = ood_metrics(id_s, ood_s, positive="ood")
-    assert m_ood["fpr95"] == pytest.approx(oracle_fpr95_ood_positive(id_s, ood_s), abs=1e-12)
+    for key, value in openood_v15(id_s, ood_s, seed).items():
+        assert m_ood[key] == pytest.approx(value, abs=1e-12), key
     assert m_ood["auroc"] == m["auroc"]  # convention-invariant
+
+
+def tie_heavy_scores(kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Score sets of one kind where estimators disagree most: ties, degenerate and tiny or unbalanced sets."""
+    rng = np.random.default_rng(seed)
+    n_id, n_ood = rng.integers(2, 150, size=2)
+    if kind == "tiny":
+        n_id, n_ood = rng.integers(1, 4, size=2)
+    if kind == "unbalanced":
+        n_id, n_ood = (int(rng.integers(200, 400)), int(rng.integers(1, 6)))[:: 1 if seed % 2 else -1]
+    id_s, ood_s = rng.normal(0.5, 1.0, n_id), rng.normal(0.0, 1.0, n_ood)
+    if kind == "all_equal":
+        return np.full(n_id, 0.3), np.full(n_ood, 0.3)
+    if kind == "identical":
+        return id_s, id_s.copy()
+    decimals = {"continuous": None, "round1": 1, "round2": 2}.get(kind, int(rng.integers(0, 2)))
+    return (id_s, ood_s) if decimals is None else (np.round(id_s, decimals), np.round(ood_s, decimals))
+
+
+TIE_HEAVY = ("continuous", "round1", "round2", "all_equal", "identical", "tiny", "unbalanced")
+
+
+@pytest.mark.parametrize("kind", TIE_HEAVY)
+def test_ood_positive_equals_openood_v15(kind: str) -> None:
+    for seed in range(40):
+        id_s, ood_s = tie_heavy_scores(kind, seed)
+        got = ood_metrics(id_s, ood_s, positive="ood")
+        assert fpr_at_95_tpr(id_s, ood_s, "ood") == got["fpr95"]
+        reference, counted = openood_v15(id_s, ood_s, seed), first_principles_ood_positive(id_s, ood_s)
+        for key in ("fpr95", "auroc", "aupr_in", "aupr_out"):
+            assert got[key] == pytest.approx(reference[key], abs=1e-12), (kind, seed, key)
+            assert counted[key] == pytest.approx(reference[key], abs=1e-12), (kind, seed, key)
+
+
+@pytest.mark.parametrize("kind", TIE_HEAVY)
+def test_id_positive_stays_mcm_on_tie_heavy_sets(kind: str) -> None:
+    for seed in range(40):
+        id_s, ood_s = tie_heavy_scores(kind, seed)
+        y, s = np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s]
+        m = ood_metrics(id_s, ood_s, positive="id")
+        assert m["aupr_in"] == pytest.approx(average_precision_score(y, s), abs=1e-12), (kind, seed)
+        assert m["aupr_out"] == pytest.approx(average_precision_score(1 - y, -s), abs=1e-12), (kind, seed)
+        assert m["fpr95"] == pytest.approx(oracle_fpr95_id_positive(id_s, ood_s), abs=1e-12), (kind, seed)
+
+
+def test_ood_positive_all_tied_aupr_is_the_trapezoid_to_recall_zero() -> None:
+    # One threshold: precision = share of the positive class at recall 1, joined to (recall 0, precision 1).
+    # Average precision would give 0.25 and 0.75 here.
+    m = ood_metrics([1.0] * 2, [1.0] * 6, positive="ood")
+    assert m["aupr_in"] == pytest.approx((1 + 2 / 8) / 2) and m["aupr_out"] == pytest.approx((1 + 6 / 8) / 2)
+    assert m["fpr95"] == 1.0 and m["auroc"] == 0.5
+    assert ood_metrics([1.0] * 2, [1.0] * 6)["aupr_in"] == pytest.approx(0.25)
+
+
+def test_ood_positive_fpr95_reads_the_curve_without_intermediate_points() -> None:
+    # Ascending score: 18 OOD at 0, then {OOD, ID} tied at 1 and again at 2, then 18 more ID. The point at 1
+    # (19 of 20 OOD caught, 1 ID) lies midway between its neighbours, so roc_curve drops it and the first
+    # TPR >= 0.95 is at 2: 2 of 20 ID. The full curve would give 1/20.
+    id_s = np.r_[1.0, 2.0, np.arange(3, 21, dtype=float)]
+    ood_s = np.r_[np.zeros(18), 1.0, 2.0]
+    assert fpr_at_95_tpr(id_s, ood_s, "ood") == pytest.approx(0.10)
+    fpr, tpr, _ = roc_curve(np.r_[np.zeros(20), np.ones(20)], -np.r_[id_s, ood_s], drop_intermediate=False)
+    assert fpr[np.argmax(tpr >= 0.95)] == pytest.approx(0.05)
+
+
+def test_metric_estimators_name_each_convention() -> None:
+    mcm, openood = metric_estimators("id"), metric_estimators("ood")
+    assert set(mcm) == set(openood) == set(ood_metrics([1.0], [0.0]))
+    assert "fpr_and_fdr_at_recall" in mcm["fpr95"] and "average_precision_score" in mcm["aupr_in"]
+    assert "drop_intermediate=True" in openood["fpr95"] and "OpenOOD v1.5" in openood["fpr95"]
+    assert all("trapezoid" in openood[k] and "precision_recall_curve" in openood[k] for k in ("aupr_in", "aupr_out"))
+    assert mcm["auroc"] == openood["auroc"]
+    with pytest.raises(ValueError, match="positive must be 'id' or 'ood'"):
+        metric_estimators("both")
 
 
 def test_id_positive_takes_the_closest_recall_not_the_first_above() -> None:

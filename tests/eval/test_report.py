@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from promptkit.eval import fpr_at_95_tpr, markdown_table, ood_metrics, plot_histograms, plot_roc, summarize, write_json
+from promptkit.eval import (fpr_at_95_tpr, markdown_table, metric_estimators, ood_metrics, plot_histograms, plot_roc,
+                            summarize, write_json)
 
 
 @pytest.fixture
@@ -29,6 +30,10 @@ def test_summarize(scores, positive: str, companion: str) -> None:
     for key, value in out["mean"].items():
         assert value == pytest.approx((out["ood"]["near"][key] + out["ood"]["far"][key]) / 2)
     assert set(out["mean"]) == {"auroc", "aupr_in", "aupr_out", "fpr95", companion}
+    # every number is labelled: this convention's estimators, and the other convention's FPR95 for the companion
+    assert out["estimators"] == {**metric_estimators(positive), companion: metric_estimators(other)["fpr95"]}
+    assert ("OpenOOD v1.5" in out["estimators"]["fpr95"]) == (positive == "ood")
+    assert ("OpenOOD v1.5" in out["estimators"][companion]) == (positive == "id")
 
 
 def test_summarize_rejects_nan_naming_the_set(scores) -> None:
@@ -78,6 +83,7 @@ def test_write_json_round_trip(tmp_path: Path, scores) -> None:
     path = write_json(tmp_path / "out" / "results.json", results)
     loaded = json.loads(path.read_text())
     assert loaded["ood"] == results["ood"] and loaded["mean"] == results["mean"]
+    assert loaded["estimators"] == results["estimators"] and set(loaded["estimators"]) == set(loaded["mean"])
     assert loaded["id_accuracy"] == 0.5 and loaded["labels"] == [1, 2] and loaded["array"] == [0, 1, 2]
     assert markdown_table(loaded) == markdown_table(results)
 
