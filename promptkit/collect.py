@@ -28,11 +28,12 @@ from promptkit.data.atomic import atomic_write
 from promptkit.data.cache import extract_features
 from promptkit.data.errors import DataError
 from promptkit.data.sources import ImageFolderSource, ImageSource, open_source
+from promptkit.errors import UserError
 
 RETRIEVAL_TEMPLATE = "{}"  # LAPT retrieves and generates with the bare label text
 
 
-class CollectionUnavailableError(RuntimeError):
+class CollectionUnavailableError(UserError, RuntimeError):
     """A collection source that cannot run here (e.g. generation without diffusers or a GPU)."""
 
 

@@ -1,7 +1,8 @@
 """promptkit's own error types.
 
 The command line turns a ``UserError`` (bad input: a flag, a file, a dataset, saved prompts, a model) into one
-line and exit code 1. Any other exception is a bug in promptkit or its dependencies and keeps its traceback.
+line and exit code 1, as it does an OS error about the user's files (missing, no permission, disk full). Any
+other exception is a bug in promptkit or its dependencies and keeps its traceback (``--debug``: always).
 """
 
 from __future__ import annotations
@@ -12,4 +13,5 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """A method setting, flag or protocol name that is unknown, of the wrong type or out of range."""
+    """A method setting or flag that is unknown, of the wrong type or out of range, or that cannot work here: an
+    unknown protocol name, a device or backend this machine lacks, an output path that cannot be written."""

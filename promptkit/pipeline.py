@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,16 +13,19 @@ import torch
 from torch import Tensor
 
 import promptkit
+from promptkit.data.atomic import atomic_dir
 from promptkit.data.cache import DEFAULT_SHARD_SIZE, Features, extract_features
 from promptkit.data.classnames import class_list
 from promptkit.data.errors import DataError
 from promptkit.data.fewshot import few_shot_indices
 from promptkit.data.sources import EmbeddedSource, ImageSource, Subset, embedded_splits, open_source
 from promptkit.data.specs import resolve as resolve_benchmark
+from promptkit.errors import ConfigError
 from promptkit.eval.metrics import accuracy, calibrate_threshold
-from promptkit.eval.report import summarize
+from promptkit.eval.report import summarize, write_reports
 from promptkit.methods import METHODS
 from promptkit.methods.base import Method
+from promptkit.methods.config import apply_settings, parse_pairs
 
 
 @dataclass
@@ -59,38 +63,43 @@ def embedded_datasets() -> Datasets:
     return Datasets(test.class_names, test, ood, train, "embedded default (promptkit/assets)")
 
 
-def parse_ood(pairs: list[str]) -> dict[str, str]:
-    """``NAME=DIR`` strings -> {NAME: DIR}."""
-    parsed = {}
-    for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--ood expects NAME=DIR, got {pair!r}")
-        parsed[name] = path
-    return parsed
-
-
 def resolve_datasets(train: str | None = None, id: str | None = None, ood: list[str] | None = None,
                      benchmark: str | None = None, data_root: str | None = None,
                      classes: str | None = None) -> Datasets:
-    """Open the run's data: the embedded default when nothing is given, else the user's folders/list files."""
+    """Open the run's data: the embedded default when nothing is given, else the user's folders/list files.
+
+    The flags are checked before any folder is read: ``--ood`` names must be unique (and not ``id``, the ID
+    test set's key in the scores), and a run needs at least two ID classes (every OOD score compares an image
+    across the ID classes).
+    """
+    if data_root and not benchmark:
+        raise ConfigError(f"--data-root {data_root} is only read with --benchmark NAME")
     if not any([train, id, ood, benchmark]):
         return embedded_datasets()
+    if benchmark and id:
+        raise ConfigError(f"--benchmark {benchmark} sets the ID test set; drop --id {id}")
+    if benchmark and not data_root:
+        raise ConfigError(f"--benchmark {benchmark} needs --data-root DIR")
+    if not benchmark and not id:
+        raise ConfigError("--id DIR|LIST is required when --train or --ood is given")
+    ood_paths = parse_pairs(ood or [], "--ood", "NAME=DIR")
+    if not benchmark and not ood_paths:
+        raise ConfigError("give at least one OOD set with --ood NAME=DIR")
+    if "id" in ood_paths:
+        raise ConfigError(f"--ood id={ood_paths['id']}: the name 'id' is reserved for the ID test set; choose another")
     train_source = open_source(train) if train else None
-    if benchmark:
-        if not data_root:
-            raise ValueError(f"--benchmark {benchmark} needs --data-root DIR")
-        id_source, ood_sources = resolve_benchmark(benchmark, data_root)
-    else:
-        if not id:
-            raise ValueError("--id DIR|LIST is required when --train or --ood is given")
-        id_source, ood_sources = open_source(id), {}
-    ood_sources.update({name: open_source(path) for name, path in parse_ood(ood or []).items()})
+    id_source, ood_sources = resolve_benchmark(benchmark, data_root) if benchmark else (open_source(id), {})
+    clash = sorted(set(ood_paths) & set(ood_sources))
+    if clash:
+        raise ConfigError(f"--ood {clash[0]}={ood_paths[clash[0]]}: {benchmark} already has an OOD set named "
+                          f"{clash[0]}; choose another name")
+    ood_sources.update({name: open_source(path) for name, path in ood_paths.items()})
     names = class_list(classes) if classes else id_source.class_names
     if not names:
         raise DataError(f"{id}: no class names (use class subfolders, a classnames.txt, or --classes FILE)")
-    if not ood_sources:
-        raise ValueError("give at least one OOD set with --ood NAME=DIR")
+    if len(names) < 2:
+        raise DataError(f"{classes or id or benchmark}: fewer than two ID classes ({names[0]!r} only); the OOD "
+                        "scores compare an image across the ID classes, so give at least two")
     if train_source is not None and train_source.class_names and len(train_source.class_names) != len(names):
         raise DataError(f"--train has {len(train_source.class_names)} classes but the ID set has {len(names)}")
     return Datasets(names, id_source, ood_sources, train_source, benchmark or str(id))
@@ -133,17 +142,26 @@ def features_of(clip, source: ImageSource, options: RunOptions) -> tuple[Tensor,
     return result.features.to(options.device), result.labels.to(options.device)
 
 
+def check_run(method_name: str, data: Datasets) -> None:
+    """Refuse, before any model is loaded, a run that cannot work: an unknown method, or one that learns prompts
+    from ID training images without them."""
+    if method_name not in METHODS:
+        raise ConfigError(f"unknown method {method_name!r}; choose one of {', '.join(METHODS)}")
+    cls = METHODS[method_name]
+    if cls.trainable and not cls.collects_training_images and data.train is None:
+        raise ConfigError(f"{method_name} learns prompts: give --train DIR|LIST (few-shot ID training images)")
+
+
 def make_method(name: str, clip, class_names: list[str], overrides: dict[str, Any], seed: int,
                 backend: str) -> Method:
-    """Instantiate method ``name`` with its paper defaults, the user's overrides and the run's seed."""
+    """Instantiate method ``name`` with its paper defaults, the user's overrides and the run's seed.
+
+    ``overrides`` are typed and range-checked by ``apply_settings``: command-line strings or Python values."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     cls = METHODS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"{name} has no setting {', '.join(unknown)}; its settings: {', '.join(fields)}")
-    config = cls.Config(**overrides)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    config = apply_settings(cls.Config, overrides, method=name)
     if "seed" in fields and "seed" not in overrides:
         config.seed = seed
     return cls(clip, class_names, config, backend=backend)
@@ -151,13 +169,22 @@ def make_method(name: str, clip, class_names: list[str], overrides: dict[str, An
 
 def evaluate(method: Method, clip, data: Datasets, options: RunOptions) -> dict[str, Any]:
     """Scores and metrics of a fitted method on the ID test set and each OOD set: ID accuracy, per-OOD-set and
-    mean AUROC/FPR95/AUPR, and the raw scores under "scores"."""
-    id_features, id_labels = features_of(clip, data.id, options)
+    mean AUROC/FPR95/AUPR, the unreadable images left out of each set under "skipped_images" ({set: {"count",
+    "first"}}), and the raw scores under "scores"."""
+    skipped: dict[str, dict[str, Any]] = {}
+
+    def features(name: str, source: ImageSource) -> tuple[Tensor, Tensor]:
+        result = extract(clip, source, options)
+        skipped[name] = {"count": len(result.skipped), "first": result.skipped[0] if result.skipped else None}
+        return result.features.to(options.device), result.labels.to(options.device)
+
+    id_features, id_labels = features("id", data.id)
     id_scores, predicted = method.score(id_features)
-    ood_scores = {name: method.score(features_of(clip, source, options)[0])[0] for name, source in data.ood.items()}
+    ood_scores = {name: method.score(features(name, source)[0])[0] for name, source in data.ood.items()}
     results = summarize(id_scores, ood_scores, positive=options.positive)
     labelled = id_labels >= 0
     results["id_accuracy"] = accuracy(predicted[labelled], id_labels[labelled]) if labelled.any() else None
+    results["skipped_images"] = skipped
     results["scores"] = {"id": id_scores, **ood_scores}
     return results
 
@@ -190,21 +217,25 @@ def collect_training_features(method: Method, clip, data: Datasets, options: Run
     return collection.features.to(options.device), collection.labels.to(options.device), info
 
 
-def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed: int,
+def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int | None, seed: int,
                        overrides: dict[str, Any], options: RunOptions) -> RunResult:
-    """Fit ``method_name`` on (few-shot) training features, calibrate its threshold and evaluate it."""
+    """Fit ``method_name`` on (few-shot) training features, calibrate its threshold and evaluate it.
+
+    ``shots`` None takes the method's paper protocol (``Method.default_shots``); the metadata says which.
+    """
     start = time.time()
+    check_run(method_name, data)
     method = make_method(method_name, clip, data.class_names, overrides, seed, options.backend)
-    train_info: dict[str, Any] = {"shots": shots, "seed": seed}
-    heldout = None
+    shots_from = "--shots" if shots is not None else "the method's paper protocol (Method.default_shots)"
+    shots = shots if shots is not None else method.default_shots
+    train_info: dict[str, Any] = {"shots": shots, "shots_from": shots_from, "seed": seed}
+    heldout, threshold_from = None, "ID test images"
     method.mine(options.cache_dir, options.progress)  # NegLabel/LAPT: negative labels, in the run's cache
     if method.collects_training_images:
         feats, labels, collected = collect_training_features(method, clip, data, options)
         train_info.update(collected)
         method.fit(feats, labels, progress=options.progress)
     elif method.trainable or data.train is not None:
-        if data.train is None:
-            raise ValueError(f"{method_name} learns prompts: give --train DIR|LIST (few-shot ID training images)")
         # Only the sampled images are encoded: few-shot runs on ImageNet must not extract 1.28M features.
         chosen, rest = split_training(data.train.labels, shots, seed)
         # The whole training set keeps its own cache entry (e.g. one `promptkit extract` made).
@@ -213,15 +244,21 @@ def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int, seed:
             feats, labels = features_of(clip, data.train if everything else Subset(data.train, chosen), options)
         heldout = features_of(clip, Subset(data.train, rest), options)[0] if len(rest) else feats
         train_info.update(train_images=len(chosen), heldout_images=len(rest))
+        if len(rest):
+            threshold_from = "held-out ID training images"
+        elif method.trainable:  # --shots 0, or classes with no more images than shots: nothing was held out
+            threshold_from = "the ID training images it was trained on (none held out)"
+        else:
+            threshold_from = "ID training images (not trained on: a zero-shot method)"
         if method.trainable:
             method.fit(feats, labels, progress=options.progress)
     metrics = evaluate(method, clip, data, options)  # the threshold below does not enter the metrics
     scores = metrics.pop("scores")
-    # The decision threshold comes from ID images the method did not train on (or the ID test set's own
-    # scores for runs without training images, which the metadata then says).
+    # The decision threshold comes from ID images the method did not train on where there are any (else the
+    # training images themselves, or the ID test set's scores for runs without them; the metadata says which).
     calibration = method.score(heldout)[0] if heldout is not None else scores["id"]
     method.threshold = calibrate_threshold(calibration, keep=options.keep_id)
-    train_info["threshold_from"] = "held-out ID training images" if heldout is not None else "ID test images"
+    train_info["threshold_from"] = threshold_from
     method.info.update(train=train_info)
     metrics.update(method=method_name, model=f"{clip.name} ({clip.pretrained})", seed=seed, shots=shots,
                    data=data.description, seconds=round(time.time() - start, 2),
@@ -239,3 +276,17 @@ def versions() -> dict[str, str]:
 
 def output_dir(path: str | None, method: str, seed: int) -> Path:
     return Path(path) if path else Path("promptkit_runs") / f"{method}-seed{seed}"
+
+
+def save_run(directory: str | os.PathLike[str], metrics: dict[str, Any], scores: dict[str, Tensor] | None = None,
+             plots: bool = False, method: Method | None = None) -> str:
+    """Write a run's output folder as one step: the prompts (when ``method`` is given) and the reports.
+
+    Everything goes into ``atomic_dir``'s staging folder first and moves into ``directory`` last, so a full disk
+    or any other failure leaves no partial run, and the previous run's files in ``directory`` as they were; an
+    ``OSError`` becomes an ``OutputError`` naming the file. Returns the Markdown table of the metrics.
+    """
+    with atomic_dir(directory) as staging:
+        if method is not None:
+            method.save(staging)
+        return write_reports(staging, metrics, scores, plots)

@@ -75,6 +75,24 @@ def test_info_lists_backends(tmp_path, cache):
 def test_usage_error_exits_2(tmp_path, cache):
     result = run_cli("train", "--method", "nonsense", cwd=tmp_path, cache=cache, check=False)
     assert result.returncode == 2
+    result = run_cli("train", "--method", "coop", "--shots", "-1", cwd=tmp_path, cache=cache, check=False)
+    assert result.returncode == 2 and "argument --shots: expects a whole number >= 0, got '-1'" in result.stderr
+
+
+def test_bad_setting_is_one_line_before_any_work_and_debug_shows_its_traceback(tmp_path, cache):
+    args = ("train", "--method", "coop", "--set", "epochs=ten", "--output", str(tmp_path / "out"))
+    result = run_cli(*args, cwd=tmp_path, cache=cache, check=False)
+    _one_line_error(result, "--set epochs=ten: coop's epochs takes a whole number, got 'ten'")
+    assert not (tmp_path / "out").exists()
+    debug = run_cli("--debug", *args, cwd=tmp_path, cache=cache, check=False)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_score_into_a_folder_names_the_folder(trained, tmp_path, cache):
+    out, _ = trained
+    result = run_cli("score", "--prompts", str(out), "--images", "embedded:digits", "--output", str(tmp_path),
+                     cwd=tmp_path, cache=cache, check=False)
+    _one_line_error(result, f"--output {tmp_path}: is a folder; give a file name")
 
 
 def test_missing_data_root(tmp_path, cache):

@@ -10,6 +10,12 @@ records its unreadable images in its metadata), and ``<key>.json``, written last
 on the set and ``shard_size``, never on the number of processes: under ``torchrun`` each rank encodes a contiguous
 run of shards (``promptkit.distributed.shard``), rank 0 writes the index, and every rank then reads the same entry
 as a single-process run would have written. A rerun after an interruption keeps the finished shards.
+
+Every tensor file records a checksum of its tensors (``promptkit.data.integrity``), verified on every read. A
+corrupt file, or one without a checksum (an older promptkit), is stale: it is rebuilt with a one-line warning,
+never used. Features that cannot be L2-normalised (a row that is all zero or not finite, e.g. from broken
+weights or an fp16 overflow) are refused naming the image, before anything is cached: the scores would
+otherwise be uniform for that image without a word.
 """
 
 from __future__ import annotations
@@ -29,8 +35,6 @@ from typing import Literal, Protocol
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import Subset as _IndexSubset
@@ -39,9 +43,10 @@ from tqdm.auto import tqdm
 from promptkit import __version__, distributed
 from promptkit.data.atomic import atomic_write
 from promptkit.data.errors import BadImageError, DataError
+from promptkit.data.integrity import load_tensors, save_tensors
 from promptkit.data.sources import ImageSource
 
-CACHE_FORMAT = 1  # bump when the stored layout or the extraction semantics change
+CACHE_FORMAT = 2  # bump when the stored layout or the extraction semantics change
 DEFAULT_SHARD_SIZE = 4096  # images per cache shard; sets up to this size are stored as one file
 
 
@@ -118,26 +123,53 @@ def _collate(items: list[_Item]) -> tuple[Tensor | None, list[int], list[tuple[i
     return images, [i for _, i in good], bad
 
 
-def _load_entry(folder: Path, key: str) -> Features | None:
-    """The cached features, or None if the entry is absent, incomplete or unreadable (then it is rebuilt)."""
+# What reading a damaged, foreign or outdated cache file raises (IntegrityError is a ValueError).
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)
+
+
+def _load_entry(folder: Path, key: str, n_images: int) -> Features | None:
+    """The cached features of ``n_images`` images, or None if the entry is absent, incomplete, corrupt or from
+    an older promptkit (then it is rebuilt; a corrupt shard is removed, with a warning, so that only it is)."""
     json_path = folder / f"{key}.json"
     if not json_path.is_file():
         return None
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
-        if meta["key"] != key:
+        if meta["key"] != key or meta["n_images"] != n_images:
             raise ValueError("entry does not match its key")
         if "shards" in meta:
-            feats = _join([_read_shard(folder / f"{key}.shards" / name, key) for name in meta["shards"]])
+            parts = []
+            for name in meta["shards"]:
+                path = folder / f"{key}.shards" / name
+                if not path.is_file():
+                    raise ValueError(f"shard {path} is missing")
+                shard = _finished_shard(path, key, n_images)
+                if shard is None:  # corrupt: _finished_shard warned and removed it
+                    return None
+                parts.append(shard)
+            feats = _join(parts)
         else:
-            t = load_file(folder / f"{key}.safetensors")
+            t, stored = load_tensors(folder / f"{key}.safetensors")
+            if stored.get("key") != key:
+                raise ValueError("entry does not match its key")
             feats = Features(t["features"], t["labels"], t["kept"], list(meta["skipped"]))
-        if not (len(feats.features) == len(feats.labels) == len(feats.kept) == meta["n_features"]):
+        _check_layout(feats, n_images, json_path)
+        if len(feats.features) != meta["n_features"]:
             raise ValueError("entry does not match its key")
         return feats
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        warnings.warn(f"ignoring unreadable feature cache entry {json_path}: {e}", stacklevel=3)
+    except _UNREADABLE as e:
+        warnings.warn(f"ignoring unreadable feature cache entry {json_path} ({e}); rebuilding it", stacklevel=3)
         return None
+
+
+def _check_layout(feats: Features, n_images: int, where: Path) -> None:
+    """Raise ValueError unless ``feats`` is laid out as ``_encode`` makes it (fp32 rows, increasing indices)."""
+    f, labels, kept = feats.features, feats.labels, feats.kept
+    if (f.dtype != torch.float32 or f.ndim != 2 or labels.dtype != torch.int64 or kept.dtype != torch.int64
+            or labels.ndim != 1 or kept.ndim != 1 or not len(f) == len(labels) == len(kept)):
+        raise ValueError(f"{where}: tensors of the wrong dtype or shape")
+    if len(kept) and (int(kept.min()) < 0 or int(kept.max()) >= n_images or bool((kept.diff() <= 0).any())):
+        raise ValueError(f"{where}: image indices outside [0, {n_images}) or out of order")
 
 
 def _spans(n: int, shard_size: int) -> list[range]:
@@ -151,27 +183,33 @@ def _shard_name(span: range) -> str:
 
 def _write_shard(path: Path, key: str, feats: Features) -> None:
     tensors = {"features": feats.features, "labels": feats.labels, "kept": feats.kept}
-    with atomic_write(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"key": key, "skipped": json.dumps(feats.skipped)})
+    save_tensors(path, tensors, metadata={"key": key, "skipped": json.dumps(feats.skipped)})
 
 
-def _read_shard(path: Path, key: str) -> Features:
-    """One shard file; raises OSError/ValueError/SafetensorError when it is missing, foreign or damaged."""
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        if meta.get("key") != key:
-            raise ValueError(f"shard {path.name} belongs to another entry")
-        t = {name: handle.get_tensor(name) for name in ("features", "labels", "kept")}
-    if not len(t["features"]) == len(t["labels"]) == len(t["kept"]):
-        raise ValueError(f"shard {path.name} has tensors of different lengths")
-    return Features(t["features"], t["labels"], t["kept"], list(json.loads(meta["skipped"])))
+def _read_shard(path: Path, key: str, n_images: int) -> Features:
+    """One shard file, verified; raises OSError/ValueError/SafetensorError when it is missing, foreign, corrupt
+    or without a checksum."""
+    t, meta = load_tensors(path)
+    if meta.get("key") != key:
+        raise ValueError(f"shard {path.name} belongs to another entry")
+    feats = Features(t["features"], t["labels"], t["kept"], list(json.loads(meta["skipped"])))
+    _check_layout(feats, n_images, path)
+    return feats
 
 
-def _finished_shard(path: Path, key: str) -> Features | None:
-    """The shard at ``path`` when it is a complete shard of this entry (so a rerun can keep it), else None."""
+def _finished_shard(path: Path, key: str, n_images: int) -> Features | None:
+    """The shard at ``path`` when it is a complete, intact shard of this entry (so a rerun can keep it), else None.
+
+    A shard file that exists but fails its checks is removed with a one-line warning: the rebuild then encodes
+    it again, silently, and the warning is given once.
+    """
+    if not path.is_file():
+        return None
     try:
-        return _read_shard(path, key)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return _read_shard(path, key, n_images)
+    except _UNREADABLE as e:
+        warnings.warn(f"rebuilding feature cache shard {path} ({e})", stacklevel=4)
+        path.unlink(missing_ok=True)
         return None
 
 
@@ -223,6 +261,12 @@ def extract_features(
 
     Returns:
         ``Features`` with ``features [N,E]`` fp32, ``labels [N]``, ``kept [N]`` and ``skipped``.
+
+    Raises:
+        DataError: no readable image, or the encoder gave an image a feature row that is all zero or not finite
+            (naming the first such image; nothing is cached).
+        BadImageError: with ``on_error="fail"``, the first unreadable image.
+        OutputError: the cache folder cannot be written (full disk, no permission).
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"extract_features: on_error must be 'skip' or 'fail', got {on_error!r}")
@@ -239,8 +283,9 @@ def extract_features(
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = cache_key(clip, source)
     if use_cache:
-        cached = _load_entry(folder, key)
-        if cached is not None:
+        cached = _load_entry(folder, key, len(source))
+        # Every rank must take the same branch, and no rank may rewrite a shard another is still reading.
+        if distributed.all_ok(cached is not None):
             return _checked(cached, source, on_error)
 
     bar = tqdm(total=len(source), unit="img", desc=f"features {clip.name}",
@@ -263,7 +308,7 @@ def extract_features(
                 mine = distributed.shard(len(spans))
                 for span in spans[mine.start:mine.stop]:
                     path = shard_dir / _shard_name(span)
-                    shard = _finished_shard(path, key)  # resume: done by an earlier, interrupted run
+                    shard = _finished_shard(path, key, len(source))  # resume: done by an earlier, interrupted run
                     if shard is not None:
                         bar.update(len(span))
                     else:
@@ -276,11 +321,11 @@ def extract_features(
             raise error or DataError("feature extraction failed on another rank; see its error above")
         if len(spans) > 1 and distributed.is_main():
             names = [_shard_name(span) for span in spans]
-            result = _join([own[span.start] if span.start in own else _read_shard(shard_dir / name, key)
-                            for span, name in zip(spans, names)])
+            result = _join([own[span.start] if span.start in own
+                            else _read_shard(shard_dir / name, key, len(source)) for span, name in zip(spans, names)])
             _store_entry(folder, key, result, clip, source, shards=names)
         distributed.barrier()  # the index exists once rank 0 passes here
-    entry = result if result is not None else _load_entry(folder, key)
+    entry = result if result is not None else _load_entry(folder, key, len(source))
     if entry is None:
         raise DataError(f"the feature cache entry {folder / key}.json was not written (is {folder} shared by "
                         "every rank?)")
@@ -321,12 +366,25 @@ def _encode(clip: ImageEncoder, source: ImageSource, span: range, batch_size: in
                 if out.ndim != 2 or out.shape[0] != len(idx):
                     raise ValueError(f"{clip.name}.encode_images returned shape {list(out.shape)} "
                                      f"for a batch of {len(idx)} images; expected [B, E]")
-                chunks.append(out.detach().float().cpu())
+                out = out.detach().float().cpu()
+                _check_rows(out, [source.describe(i) for i in idx], clip.name)
+                chunks.append(out)
                 kept.extend(idx)
             bar.update(len(idx) + len(bad))
     kept_t = torch.tensor(kept, dtype=torch.int64)
     features = torch.cat(chunks).contiguous() if chunks else torch.zeros(0, 0)
     return Features(features, source.labels[kept_t].clone(), kept_t, skipped)
+
+
+def _check_rows(features: Tensor, names: list[str], model: str) -> None:
+    """Refuse feature rows that cannot be L2-normalised: all zero, not finite, or so large that the float32
+    squared norm overflows (the scores would then be uniform for that image, silently)."""
+    energy = features.square().sum(dim=1)
+    bad = torch.nonzero(~torch.isfinite(energy) | (energy == 0)).flatten().tolist()
+    if bad:
+        raise DataError(f"{model} returned image features that are all zero or not finite for {len(bad)} of the "
+                        f"{len(names)} images of a batch (first: {names[bad[0]]}); check the model weights and "
+                        "these images")
 
 
 def _store_entry(folder: Path, key: str, feats: Features, clip: ImageEncoder, source: ImageSource,
@@ -336,8 +394,8 @@ def _store_entry(folder: Path, key: str, feats: Features, clip: ImageEncoder, so
     The sidecar goes last: a sidecar on disk means a complete entry.
     """
     if shards is None:
-        with atomic_write(folder / f"{key}.safetensors") as tmp:
-            save_file({"features": feats.features, "labels": feats.labels, "kept": feats.kept}, str(tmp))
+        save_tensors(folder / f"{key}.safetensors",
+                     {"features": feats.features, "labels": feats.labels, "kept": feats.kept}, metadata={"key": key})
     meta = {
         "format": CACHE_FORMAT,
         "key": key,

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from promptkit.data.errors import DataError
+from promptkit.errors import ConfigError
 
 CLASSNAME_DIR = Path(__file__).resolve().parent / "classnames"
 BENCHMARKS = ("imagenet1k", "imagenet100", "imagenet10", "imagenet20")
@@ -20,8 +21,19 @@ def normalize_benchmark(benchmark: str) -> str:
     key = benchmark.lower().replace("-", "").replace("_", "")
     key = {"imagenet": "imagenet1k", "imagenet1000": "imagenet1k", "in1k": "imagenet1k"}.get(key, key)
     if key not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     return key
+
+
+def read_text(path: str | os.PathLike[str], expected: str) -> str:
+    """The UTF-8 text of a user's text file; a DataError naming the file, the line and ``expected`` (what such a
+    file holds) where it is not text (e.g. an image passed as a list file)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({expected})") from None
 
 
 def _read_columns(path: str | os.PathLike[str]) -> list[list[str]]:
@@ -30,7 +42,7 @@ def _read_columns(path: str | os.PathLike[str]) -> list[list[str]]:
     if not file.is_file():
         raise DataError(f"class-name file not found: {path}")
     rows = []
-    for raw in file.read_text(encoding="utf-8").splitlines():
+    for raw in read_text(file, "a class-name file holds one name per line").splitlines():
         line = raw.strip()
         if line and not line.startswith("#"):
             rows.append([field.strip() for field in line.split("\t")])

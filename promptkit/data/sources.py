@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import warnings
 from collections.abc import Sequence
@@ -22,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from promptkit.assets import ASSETS_DIR, EMBEDDED_IMAGES, EMBEDDED_META
-from promptkit.data.classnames import read_class_names
+from promptkit.data.classnames import read_class_names, read_text
 from promptkit.data.errors import BadImageError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -62,18 +64,122 @@ def _open_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so that truncated files fail here and not inside a transform
-            return img.convert("RGB")
+            return to_rgb(img)
     except _DECODE_ERRORS as e:
         raise BadImageError(str(path), str(e) or type(e).__name__) from e
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """All image files below ``folder`` (recursive, hidden entries skipped), in sorted path order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if _is_image(f))
-    return sorted(found)
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, with high-bit-depth grayscale samples scaled to 0..255, never clipped.
+
+    PIL's own ``convert("RGB")`` clips 16-bit and 32-bit samples at 255, so a 16-bit scan comes out nearly white.
+    Here ``I;16``/``I;16L``/``I;16B``/``I;16N`` (16-bit) are divided by 257 (65535 -> 255); ``I`` (32-bit
+    integers, how PIL opens some 16-bit PNG and TIFF files) is read as 16-bit samples, clipped to 0..65535 first;
+    ``F`` (32-bit float) is read as 0..1 when every sample lies there, else as 0..255 (PIL's convention for F),
+    and NaN becomes 0.
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
+    elif img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.min() >= 0 and values.max() <= 1:
+            values = values * 255.0
+    else:
+        return img.convert("RGB")
+    return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8)).convert("RGB")  # 2-D uint8: L
+
+
+_Identity = tuple[int, int]  # (st_dev, st_ino): the same folder or file whatever path leads to it
+
+
+class _Walker:
+    """Lists the image files below a root without entering a folder twice or listing a file twice.
+
+    Links are followed, but a link back up the tree (``up -> ..``, ``again -> .``) or to a folder already listed
+    is skipped instead of walked again (which never ends, or counts images many times), and so are broken and
+    self-referencing links (``x -> x``), second paths to a file already listed and unreadable folders. Every
+    skipped entry is counted; ``warn`` reports them in one line with the count and the first of them.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.skipped: list[str] = []
+        self.files: set[_Identity] = set()
+        self.seen: set[_Identity] = set()  # folders: the root, every folder above it, and those listed
+        for folder in (root, *root.parents):
+            st = self.stat(folder, count=False)
+            if st is not None:
+                self.seen.add((st.st_dev, st.st_ino))
+
+    def stat(self, path: str | os.PathLike[str], count: bool = True) -> os.stat_result | None:
+        """What ``path`` points to, or None (counted) for a broken or looping link or an entry that vanished."""
+        try:
+            return os.stat(path)
+        except OSError:
+            if count:
+                self.skipped.append(os.fspath(path))
+            return None
+
+    def claim(self, seen: set[_Identity], st: os.stat_result, path: str | os.PathLike[str]) -> bool:
+        """True the first time the folder or file ``st`` is met; False (counted) for every later path to it."""
+        identity = (st.st_dev, st.st_ino)
+        if identity in seen:
+            self.skipped.append(os.fspath(path))
+            return False
+        seen.add(identity)
+        return True
+
+    def classify(self, folder: Path) -> tuple[list[str], int, list[str]]:
+        """The subfolder names of ``folder``, its number of image files and the entries left out (broken links,
+        links to it or above it), not yet counted: a walk of ``folder`` itself meets them again."""
+        subdirs, n_images, left_out = [], 0, []
+        for entry in self._entries(folder):
+            st = self.stat(entry.path, count=False)
+            if st is None or (stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in self.seen):
+                left_out.append(entry.path)
+            elif stat.S_ISDIR(st.st_mode):
+                subdirs.append(entry.name)
+            elif stat.S_ISREG(st.st_mode) and _is_image(entry.name):
+                n_images += 1
+        return subdirs, n_images, left_out
+
+    def claim_folder(self, folder: Path) -> bool:
+        """Reserve a folder to be walked on its own (a class folder), so that no other walk enters it."""
+        st = self.stat(folder)
+        return st is not None and self.claim(self.seen, st, folder)
+
+    def images_under(self, folder: Path) -> list[Path]:
+        """The image files below ``folder`` (recursive, hidden entries skipped), in sorted path order."""
+        found: list[Path] = []
+        pending = [folder]
+        while pending:
+            subdirs = []
+            for entry in self._entries(pending.pop()):
+                st = self.stat(entry.path)
+                if st is None:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if self.claim(self.seen, st, entry.path):
+                        subdirs.append(Path(entry.path))
+                elif stat.S_ISREG(st.st_mode) and _is_image(entry.name) and self.claim(self.files, st, entry.path):
+                    found.append(Path(entry.path))
+            pending.extend(reversed(subdirs))  # depth first, in name order
+        return sorted(found)
+
+    def _entries(self, folder: Path) -> list[os.DirEntry[str]]:
+        """The visible entries of ``folder`` in name order; an unreadable folder has none (counted)."""
+        try:
+            with os.scandir(folder) as entries:
+                return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:
+            self.skipped.append(str(folder))
+            return []
+
+    def warn(self) -> None:
+        """One warning line for everything skipped, if anything was."""
+        if self.skipped:
+            warnings.warn(f"skipped {len(self.skipped)} broken or looping links, repeated files or folders and "
+                          f"unreadable folders under {self.root} (first: {self.skipped[0]})", stacklevel=3)
 
 
 class _FileListSource:
@@ -133,10 +239,9 @@ class ImageFolderSource(_FileListSource):
             raise DataError(f"image folder not found: {root}")
         if class_names is not None and labelled is False:
             raise ValueError("ImageFolderSource: class_names= needs a labelled folder, not labelled=False")
+        walker = _Walker(self.root)
         if classes is None:
-            entries = list(os.scandir(self.root))
-            subdirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-            n_loose = sum(1 for e in entries if e.is_file() and _is_image(e.name))
+            subdirs, n_loose, left_out = walker.classify(self.root)
             if labelled is None:
                 if subdirs and n_loose:
                     raise DataError(f"{self.root} has both class subfolders and {n_loose} loose images; "
@@ -145,10 +250,16 @@ class ImageFolderSource(_FileListSource):
             if labelled and not subdirs:
                 raise DataError(f"{self.root} has no class subfolders")
         folders = list(classes) if classes is not None else (subdirs if labelled else [""])
+        if classes is None and labelled:  # the class folders are walked, not the root: count its links here
+            walker.skipped.extend(left_out)
         missing = [f for f in folders if not (self.root / f).is_dir()]
         if missing:
             raise DataError(f"{len(missing)} class folders missing under {self.root}, e.g. {missing[0]!r}")
-        per_folder = [_images_under(self.root / f) for f in folders]
+        # Class folders are reserved before any is walked, so a link from one class into another is not followed.
+        walkable = [f == "" or walker.claim_folder(self.root / f) for f in folders]
+        per_folder = [walker.images_under(self.root / f) if ok else []
+                      for f, ok in zip(folders, walkable, strict=True)]
+        walker.warn()
         paths = [p for found in per_folder for p in found]
         if not paths:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
@@ -166,10 +277,15 @@ class ImageFolderSource(_FileListSource):
         super().__init__(paths, labels, names)
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
 class ListFileSource(_FileListSource):
     """Images named by a list file: one ``relative/path label`` line per image (``#`` comments allowed).
 
-    A line whose last field is not an integer is a path alone, label -1. Paths are relative to ``root``
+    A line whose last field is not an integer is a path alone, label -1 (a path may hold spaces), unless the
+    field before it names an image file (``img.png cat``, ``img.png 1.5``): that is a label that is not an
+    integer, refused with the file and line number. Paths are relative to ``root``
     (default: the list file's folder). Class names come from ``class_names``, else from a ``classnames.txt``
     beside the list file, else the label numbers are used (with a warning).
     """
@@ -188,14 +304,18 @@ class ListFileSource(_FileListSource):
         if not base.is_dir():
             raise DataError(f"image root not found: {root}")
         paths, labels = [], []
-        for lineno, raw in enumerate(list_path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = read_text(list_path, "a list file holds `relative/path label` lines")
+        for lineno, raw in enumerate(text.splitlines(), start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
             parts = line.rsplit(maxsplit=1)
             label = -1
-            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            if len(parts) == 2 and _INTEGER.fullmatch(parts[1]):
                 line, label = parts[0], int(parts[1])
+            elif len(parts) == 2 and _is_image(Path(parts[0]).name) and not (base / line).is_file():
+                raise DataError(f"{list_path}:{lineno}: label {parts[1]!r} is not an integer "
+                                "(lines are `relative/path label`, label -1 or none for unknown)")
             if label < -1:
                 raise DataError(f"{list_path}:{lineno}: label {label} is negative (use -1 for unknown)")
             paths.append(base / line)

@@ -19,6 +19,7 @@ from pathlib import Path
 from promptkit.data.classnames import class_names, class_wnids, normalize_benchmark
 from promptkit.data.errors import DataError
 from promptkit.data.sources import ImageFolderSource, ImageSource
+from promptkit.errors import ConfigError
 
 MOS_OOD = {"iNaturalist": "iNaturalist", "SUN": "SUN", "Places": "Places", "Textures": "dtd/images"}
 IMAGENET_VAL = "imagenet/val"
@@ -95,7 +96,7 @@ def resolve(
     wanted = spec.ood_names if ood_names is None else list(ood_names)
     unknown = [n for n in wanted if n not in spec.ood_names]
     if unknown:
-        raise ValueError(f"{spec.name} has no OOD set {unknown[0]!r}; known: {', '.join(spec.ood_names)}")
+        raise ConfigError(f"{spec.name} has no OOD set {unknown[0]!r}; known: {', '.join(spec.ood_names)}")
     missing = [f"{n} ({root / spec.ood[n]})" for n in wanted if n in spec.ood and not (root / spec.ood[n]).is_dir()]
     if missing:
         raise DataError(f"{spec.name} OOD folders not found under {root}: {'; '.join(missing)}")

@@ -20,8 +20,9 @@ def _write_image(path: Path, color: tuple[int, int, int], size: int = 6) -> Path
 
 
 def _color_of(index: int) -> tuple[int, int, int]:
-    """A distinct, exactly representable colour per index."""
-    return (index * 7 % 256, index * 13 % 256, index * 29 % 256)
+    """A distinct, exactly representable colour per index, never black (black has all-zero FakeClip features,
+    which extraction refuses)."""
+    return ((index * 7 + 1) % 256, (index * 13 + 1) % 256, (index * 29 + 1) % 256)
 
 
 class FakeClip:

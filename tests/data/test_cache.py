@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import promptkit.data.cache as cache_mod
+import promptkit.data.integrity as integrity_mod
 from promptkit.data import (
     BadImageError,
     DataError,
@@ -111,8 +111,8 @@ def test_no_partial_entry_after_a_failure_mid_write(folder: Path, tmp_path: Path
         Path(filename).write_bytes(b"half a safetensors file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(cache_mod, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(integrity_mod, "save_file", broken_save)
+    with pytest.raises(OSError, match=r"cannot write .*\.safetensors: disk full"):
         extract_features(make_clip(), ImageFolderSource(folder), cache_dir=cache, progress=False)
     assert list(cache.iterdir()) == []  # no entry and no temporary file left behind
     monkeypatch.undo()

@@ -24,11 +24,13 @@ def _entry(cache: Path) -> tuple[dict, Path]:
 
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
-    """22 solid-colour images in two classes, one of them unreadable."""
+    """22 solid-colour images in two classes, one of them unreadable (none black: the mean-colour encoder would
+    give it an all-zero feature row, which extraction refuses)."""
     root = tmp_path / "images"
     for i in range(22):
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (6, 6), (i * 7 % 256, i * 13 % 256, i * 29 % 256)).save(root / f"c{i % 2}" / f"{i:02d}.png")
+        colour = ((i * 7 + 1) % 256, (i * 13 + 1) % 256, (i * 29 + 1) % 256)
+        Image.new("RGB", (6, 6), colour).save(root / f"c{i % 2}" / f"{i:02d}.png")
     (root / "c1" / "07.png").write_bytes(b"not an image")
     return root
 
