@@ -1,28 +1,62 @@
 """The ``promptkit`` command: train, eval, score, extract, compare, info.
 
-Exit codes: 0 success, 1 a user or data error (one line on stderr, no traceback), 2 bad usage.
+Exit codes: 0 success, 1 a user or data error (one line on stderr, no traceback), 2 bad usage (argparse), 130
+interrupted. Every flag is checked before any model is loaded or image encoded. A ``promptkit.errors.UserError``
+or an OS error about the user's files is one line; anything else is a bug and keeps its traceback, as does
+everything with ``--debug`` or ``PROMPTKIT_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
-import json
+import errno
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TextIO
 
-from promptkit.data.atomic import atomic_write
+from promptkit.data.atomic import atomic_dir, atomic_write
+from promptkit.errors import ConfigError, UserError
 
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, RuntimeError, FloatingPointError)
+# OS errors that are about the user's files or disk, not about promptkit: one line naming the path.
+PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+PATH_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+DEBUG_HELP = "show the traceback of any error (also PROMPTKIT_DEBUG=1)"
+
+
+def _count(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expects a whole number >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _share(text: str) -> float:
+    """An argparse type: a share in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expects a share in (0, 1], got {text!r}")
+    return value
 
 
 def _add_model_args(parser: argparse.ArgumentParser, default_model: str | None = "promptkit-tiny") -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default_model,
-                       help="open_clip model name (default: the embedded promptkit-tiny)")
+                       help="open_clip model name or the path of an open_clip model config JSON (default: the embedded "
+                            "promptkit-tiny)")
     group.add_argument("--pretrained", default=None,
                        help="pretrained tag (e.g. openai, needs the weights in the local cache) or a weights "
                             "file (.safetensors/.bin/.pt)")
@@ -48,19 +82,21 @@ def _add_data_args(parser: argparse.ArgumentParser, with_train: bool = True) -> 
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    from promptkit.ops import BACKENDS
+
     group = parser.add_argument_group("run")
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    group.add_argument("--backend", default="auto", help="op backend: auto, torch, cpp, triton, cuda")
+    group.add_argument("--backend", default="auto", choices=("auto", *BACKENDS), help="op backend (default auto)")
     group.add_argument("--cache-dir", default=None, help="feature cache (default $PROMPTKIT_CACHE or "
                                                           "~/.cache/promptkit/features)")
-    group.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
-    group.add_argument("--shard-size", type=int, default=4096,
+    group.add_argument("--batch-size", type=_count(1), default=256, help="images per encoder batch")
+    group.add_argument("--shard-size", type=_count(1), default=4096,
                        help="images per feature-cache shard: the unit a torchrun rank encodes and a rerun resumes")
     group.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
                        help="unreadable images: skip with a warning and a count (default), or fail naming the file")
     group.add_argument("--fpr-positive", choices=["id", "ood"], default="id",
                        help="FPR95 convention: id (MCM/LSN/NegPrompt tables) or ood (OpenOOD/LAPT)")
-    group.add_argument("--keep-id", type=float, default=0.95,
+    group.add_argument("--keep-id", type=_share, default=0.95,
                        help="share of held-out ID images the saved decision threshold keeps as ID (default 0.95)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--plots", action="store_true", help="also write score histograms and ROC curves")
@@ -70,12 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     from promptkit.methods import METHODS
 
     parser = argparse.ArgumentParser(prog="promptkit", description="Prompt learning for OOD detection with CLIP.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="learn prompts (or set up a zero-shot method), evaluate, save")
     train.add_argument("--method", required=True, choices=sorted(METHODS))
-    train.add_argument("--shots", type=int, default=16, help="training images per class (0: all)")
-    train.add_argument("--seed", type=int, default=1)
+    train.add_argument("--shots", type=_count(0), default=None,
+                       help="training images per class (0: all; default: the method's paper protocol, 16 or "
+                            "LSN's 128)")
+    train.add_argument("--seed", type=_count(0), default=1)
     train.add_argument("--output", help="folder for prompts and metrics (default promptkit_runs/METHOD-seedS)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a method setting, e.g. --set epochs=10 (see the method's Config)")
@@ -105,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train and evaluate several methods over several seeds")
     compare.add_argument("--methods", required=True, help="comma-separated, e.g. mcm,coop")
     compare.add_argument("--seeds", default="1,2,3")
-    compare.add_argument("--shots", type=int, default=16)
+    compare.add_argument("--shots", type=_count(0), default=None,
+                         help="training images per class (default: each method's paper protocol)")
     compare.add_argument("--output", default="promptkit_runs/compare")
     compare.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                          help="override a setting of one method, e.g. --set coop.epochs=10")
@@ -116,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     collect = sub.add_parser("collect", help="collect training images for the ID and mined negative labels (LAPT)")
     collect.add_argument("--output", required=True, help="folder for collection.txt, classnames.txt, "
                                                          "features.safetensors and negatives.txt")
-    collect.add_argument("--negatives", type=int, default=1000, help="M negative labels to mine (default 1000)")
+    collect.add_argument("--negatives", type=_count(1), default=1000, help="M negative labels to mine (default 1000)")
     collect.add_argument("--vocabulary", help="word list file (default: the shipped WordNet list)")
-    collect.add_argument("--per-label", type=int, default=16, help="images per label (retrieval top-k, generation)")
+    collect.add_argument("--per-label", type=_count(1), default=16,
+                         help="images per label (retrieval top-k, generation)")
     collect.add_argument("--pool", help="retrieve from this pool (image folder, list file, embedded:<split> or "
                                         ".safetensors features; default: embedded:train)")
     collect.add_argument("--folders", help="also take images from FOLDER/<label>/ subfolders")
@@ -128,22 +169,127 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(collect, with_train=False)
     _add_run_args(collect)
 
+    reproduce = sub.add_parser(
+        "reproduce", help="run a paper's protocol and compare with its published table",
+        description="Run a method under its paper's protocol (backbone, shots, seeds, classes, OOD sets, FPR "
+                    "convention) and print the paper's number, ours and the difference per OOD set. Data layout "
+                    "under --data-root: see promptkit/reproduce.py and promptkit/data/specs.py.")
+    reproduce.add_argument("protocol", nargs="?", help="protocol name (--list shows them)")
+    reproduce.add_argument("--list", action="store_true", help="list the protocols and their sources")
+    reproduce.add_argument("--seeds", help="comma-separated seeds instead of the protocol's")
+    reproduce.add_argument("--pool", help="LAPT: retrieval pool instead of DATA_ROOT/pool")
+    reproduce.add_argument("--output", help="folder for reproduce.json and reproduce.md "
+                                            "(default promptkit_runs/reproduce-PROTOCOL)")
+    reproduce.add_argument("--data-root", help="folder with the protocol's data")
+    _add_model_args(reproduce, default_model=None)
+    _add_run_args(reproduce)
+
     sub.add_parser("info", help="versions, built backends, and why any backend is missing")
+    for command in sub.choices.values():  # also after the command; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
-def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings -> {KEY: python value} (numbers, None, booleans and lists parsed; else str)."""
-    settings = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            settings[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            settings[key] = raw
-    return settings
+def _comma_list(text: str, flag: str) -> list[str]:
+    """The items of a comma-separated flag value; refuses an empty list and an item given twice."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"{flag} expects a comma-separated list, got {text!r}")
+    twice = next((item for item in items if items.count(item) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"{flag} {text}: {twice} is given twice")
+    return items
+
+
+def _method_names(text: str) -> list[str]:
+    """``--methods`` as a list of known method names."""
+    from promptkit.methods import METHODS
+
+    names = _comma_list(text, "--methods")
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods {text}: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def _seed_list(text: str, flag: str = "--seeds") -> list[int]:
+    """A comma-separated list of seeds (whole numbers >= 0)."""
+    seeds = _comma_list(text, flag)
+    bad = [seed for seed in seeds if not seed.isdigit()]
+    if bad:
+        raise ConfigError(f"{flag} {text}: seeds are whole numbers >= 0, got {bad[0]!r}")
+    return [int(seed) for seed in seeds]
+
+
+def _method_settings(args, methods: list[str]) -> dict[str, dict[str, str]]:
+    """Each method's ``--set`` values (strings), checked against its config now, before any work.
+
+    ``train`` takes ``KEY=VALUE`` for its one method, ``compare`` ``METHOD.KEY=VALUE``."""
+    from promptkit.methods import METHODS
+    from promptkit.methods.config import apply_settings, parse_pairs
+
+    per_method: dict[str, dict[str, str]] = {method: {} for method in methods}
+    if args.command == "train":
+        per_method[args.method] = parse_pairs(args.set, "--set", empty_values=True)
+    else:
+        for key, value in parse_pairs(args.set, "--set", "METHOD.KEY=VALUE", empty_values=True).items():
+            method, dot, setting = key.partition(".")
+            if not dot or method not in per_method:
+                raise ConfigError(f"--set {key}={value}: compare expects METHOD.KEY=VALUE with METHOD one of "
+                                  f"--methods ({', '.join(methods)})")
+            per_method[method][setting] = value
+    for method, settings in per_method.items():
+        apply_settings(METHODS[method].Config, settings, method=method,
+                       prefix="" if args.command == "train" else f"{method}.")
+    return per_method
+
+
+def _check_output(path: Path, flag: str, is_file: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a file where a folder goes or the other way
+    round, a file on the way to it, or a folder without write permission."""
+    if path.exists():
+        if is_file and path.is_dir():
+            raise ConfigError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'scores.csv'}")
+        if not is_file and not path.is_dir():
+            raise ConfigError(f"{flag} {path}: is a file, not a folder")
+    folder = path.parent if is_file else path
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists is written into
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {folder} is not writable")
+
+
+def _check_run_args(args) -> None:
+    """The run flags every command shares, checked before any work: device, backend and the feature cache."""
+    from promptkit.clip.model import parse_device
+    from promptkit.data.cache import default_cache_dir
+    from promptkit.ops import BackendUnavailableError, resolve_backend
+
+    try:
+        device = parse_device(args.device)
+    except ConfigError as error:
+        raise ConfigError(f"--device {args.device}: {error}") from None
+    try:
+        resolve_backend(args.backend, device)
+    except BackendUnavailableError as error:
+        raise ConfigError(f"--backend {args.backend}: {error}") from None
+    if args.cache_dir:
+        _check_output(Path(args.cache_dir).expanduser(), "--cache-dir")
+    else:
+        _check_output(default_cache_dir(), "the feature cache ($PROMPTKIT_CACHE)")
+
+
+def _check_pool(spec: str | None) -> None:
+    """Refuse a ``--pool`` that names nothing now; it is opened only once the model is loaded."""
+    from promptkit.data.errors import DataError
+    from promptkit.data.sources import EMBEDDED_PREFIX, open_source
+
+    if spec is not None and spec.startswith(EMBEDDED_PREFIX):
+        open_source(spec)  # an unknown split is refused here
+    elif spec is not None and not Path(spec).expanduser().exists():
+        raise DataError(f"--pool {spec}: no such image folder, list file or feature file")
 
 
 def _options(args):
@@ -185,27 +331,14 @@ def _clip(args, meta: dict | None = None):
 
 
 def _data(args, with_train: bool = True):
+    """The run's datasets, opened (and so checked) before the model is loaded."""
     from promptkit.pipeline import resolve_datasets
 
     data = resolve_datasets(getattr(args, "train", None) if with_train else None, args.id, args.ood,
                             args.benchmark, args.data_root, args.classes)
     data.pool = getattr(args, "pool", None)
+    _check_pool(data.pool)
     return data
-
-
-def _write_reports(directory: Path, metrics: dict, scores: dict | None, plots: bool) -> str:
-    from promptkit.eval.report import markdown_table, plot_histograms, plot_roc, write_json
-
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / "metrics.json", metrics)
-    table = markdown_table(metrics)
-    with atomic_write(directory / "metrics.md") as tmp:
-        tmp.write_text(table + "\n")
-    if plots and scores:
-        ood = {k: v for k, v in scores.items() if k != "id"}
-        plot_histograms(scores["id"], ood, directory / "score_histograms.png")
-        plot_roc(scores["id"], ood, directory / "roc.png")
-    return table
 
 
 def _note_unused_train(args, methods: list[str]) -> None:
@@ -218,33 +351,37 @@ def _note_unused_train(args, methods: list[str]) -> None:
 
 
 def cmd_train(args) -> None:
-    from promptkit.pipeline import output_dir, train_and_evaluate
+    from promptkit.pipeline import check_run, output_dir, save_run, train_and_evaluate
 
-    _note_unused_train(args, [args.method])
-    clip = _clip(args)
+    settings = _method_settings(args, [args.method])[args.method]
+    _check_run_args(args)
+    out = output_dir(args.output, args.method, args.seed)
+    _check_output(out, "--output")
     data = _data(args)
-    result = train_and_evaluate(args.method, clip, data, args.shots, args.seed, parse_settings(args.set),
-                                _options(args))
+    check_run(args.method, data)
+    _note_unused_train(args, [args.method])
+    result = train_and_evaluate(args.method, _clip(args), data, args.shots, args.seed, settings, _options(args))
     if not is_main():
         return
-    out = output_dir(args.output, args.method, args.seed)
-    result.method.save(out)
-    print(_write_reports(out, result.metrics, result.scores, args.plots))
+    print(save_run(out, result.metrics, result.scores, args.plots, method=result.method))
     print(f"\nsaved prompts and metrics to {out}")
 
 
 def cmd_eval(args) -> None:
+    from promptkit.data.errors import DataError
     from promptkit.methods import load_method
     from promptkit.methods.base import read_metadata
-    from promptkit.pipeline import evaluate, versions
+    from promptkit.pipeline import evaluate, save_run, versions
 
     meta = read_metadata(args.prompts)
+    _check_run_args(args)
+    _check_output(Path(args.output or args.prompts), "--output" if args.output else "--prompts")
+    data = _data(args, with_train=False)
+    if data.class_names != meta["class_names"]:
+        raise DataError(f"the ID set's classes ({len(data.class_names)}) differ from the prompts' classes "
+                        f"({len(meta['class_names'])}); pass --classes FILE with the training class list")
     clip = _clip(args, meta)
     method = load_method(args.prompts, clip, backend=args.backend)
-    data = _data(args, with_train=False)
-    if data.class_names != method.class_names:
-        raise ValueError(f"the ID set's classes ({len(data.class_names)}) differ from the prompts' classes "
-                         f"({len(method.class_names)}); pass --classes FILE with the training class list")
     metrics = evaluate(method, clip, data, _options(args))
     scores = metrics.pop("scores")
     if not is_main():
@@ -252,44 +389,45 @@ def cmd_eval(args) -> None:
     metrics.update(method=method.name, model=f"{clip.name} ({clip.pretrained})",
                    seed=getattr(method.config, "seed", None), data=data.description, prompts=str(args.prompts),
                    versions=versions())
-    print(_write_reports(Path(args.output or args.prompts), metrics, scores, args.plots))
+    print(save_run(Path(args.output or args.prompts), metrics, scores, args.plots))
 
 
 def cmd_score(args) -> None:
     from promptkit.data.sources import open_source
-    from promptkit.methods import load_method
+    from promptkit.detector import Detector
     from promptkit.methods.base import read_metadata
     from promptkit.pipeline import extract
 
-    meta = read_metadata(args.prompts)
-    clip = _clip(args, meta)
-    method = load_method(args.prompts, clip, backend=args.backend)
+    read_metadata(args.prompts)
+    _check_run_args(args)
+    out = Path(args.output) if args.output else Path(args.prompts) / "scores.csv"
+    _check_output(out, "--output" if args.output else "--prompts", is_file=True)
     source = open_source(args.images)
-    options = _options(args)
-    result = extract(clip, source, options)
-    scores, predicted = method.score(result.features.to(options.device))
+    detector = Detector.load(args.prompts, device=args.device, model=args.model, pretrained=args.pretrained,
+                             quick_gelu=_quick_gelu(args), backend=args.backend)
+    # through the feature cache: torchrun shards, resumable, the --on-bad-image policy
+    result = extract(detector.clip, source, _options(args))
+    predictions = detector.predict(result.features)
     if not is_main():
         return
-    out = Path(args.output) if args.output else Path(args.prompts) / "scores.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "score", "predicted_class", "decision"])
-        values = scores.tolist()
-        is_id = [method.threshold is None or value >= method.threshold for value in values]
-        for index, value, label, keep in zip(result.kept.tolist(), values, predicted.tolist(), is_id):
-            writer.writerow([source.describe(index), f"{value:.6g}", method.class_names[label],
-                             "ID" if keep else "OOD"])
-    flagged = is_id.count(False)
+        for index, p in zip(result.kept.tolist(), predictions, strict=True):
+            writer.writerow([source.describe(index), f"{p.score:.6g}", p.label, p.decision])
+    flagged = sum(not p.is_id for p in predictions)
     print(f"scored {len(result.kept)} images ({len(result.skipped)} unreadable skipped), {flagged} flagged OOD "
-          f"at threshold {method.threshold}: {out}")
+          f"at threshold {detector.threshold}: {out}")
 
 
 def cmd_extract(args) -> None:
     from promptkit.data.sources import open_source
     from promptkit.pipeline import extract
 
-    result = extract(_clip(args), open_source(args.images), _options(args))
+    _check_run_args(args)
+    source = open_source(args.images)
+    result = extract(_clip(args), source, _options(args))
     if not is_main():
         return
     print(f"{len(result.kept)} image features of size {result.features.shape[1]} cached "
@@ -298,18 +436,18 @@ def cmd_extract(args) -> None:
 
 def cmd_compare(args) -> None:
     from promptkit.eval.report import compare_table, write_json
-    from promptkit.pipeline import train_and_evaluate
+    from promptkit.pipeline import check_run, train_and_evaluate
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    for key, value in parse_settings(args.set).items():
-        method, dot, setting = key.partition(".")
-        if not dot or method not in per_method:
-            raise ValueError(f"--set for compare expects METHOD.KEY=VALUE with METHOD in {methods}, got {key!r}")
-        per_method[method][setting] = value
+    methods = _method_names(args.methods)
+    seeds = _seed_list(args.seeds)
+    per_method = _method_settings(args, methods)
+    _check_run_args(args)
+    _check_output(Path(args.output), "--output")
+    data = _data(args)
+    for method in methods:
+        check_run(method, data)
     _note_unused_train(args, methods)
-    clip, data, options = _clip(args), _data(args), _options(args)
+    clip, options = _clip(args), _options(args)
     runs = []
     for method in methods:
         for seed in seeds:
@@ -322,13 +460,44 @@ def cmd_compare(args) -> None:
     if not is_main():
         return
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     table = compare_table(runs)
-    write_json(out / "compare.json", {"runs": runs, "methods": methods, "seeds": seeds})
-    with atomic_write(out / "compare.md") as tmp:
-        tmp.write_text(table + "\n")
+    with atomic_dir(out) as staging:  # both files or neither
+        write_json(staging / "compare.json", {"runs": runs, "methods": methods, "seeds": seeds})
+        with atomic_write(staging / "compare.md") as tmp:
+            tmp.write_text(table + "\n")
     print(table)
     print(f"\nwrote {out / 'compare.json'} and {out / 'compare.md'}")
+
+
+def cmd_reproduce(args) -> None:
+    from promptkit.eval.report import write_json
+    from promptkit.reproduce import check_data, comparison, comparison_table, get_protocol, protocols, run_protocol
+
+    if args.list or not args.protocol:
+        for name, p in sorted(protocols().items()):
+            print(f"{name:28s} {p.method:10s} {p.benchmark:16s} {p.model} ({p.pretrained}): {p.source}")
+        return
+    protocol = get_protocol(args.protocol)
+    _check_run_args(args)
+    out = Path(args.output or f"promptkit_runs/reproduce-{protocol.name}")
+    _check_output(out, "--output")
+    check_data(protocol, args.data_root, args.pool)
+    seeds = _seed_list(args.seeds) if args.seeds else None
+    if args.model is None:
+        args.model, args.pretrained = protocol.model, args.pretrained or protocol.pretrained
+    args.fpr_positive = protocol.fpr_positive  # the paper's convention, whatever the flag says
+    runs = run_protocol(protocol, _clip(args), args.data_root, _options(args), seeds, args.pool)
+    if not is_main():
+        return
+    rows = comparison(protocol, runs)
+    table = comparison_table(protocol, rows, len(runs))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "reproduce.json", {"protocol": protocol.name, "source": protocol.source,
+                                        "comparison": rows, "runs": runs})
+    with atomic_write(out / "reproduce.md") as tmp:
+        tmp.write_text(table)
+    print(table)
+    print(f"wrote {out / 'reproduce.json'} and {out / 'reproduce.md'}")
 
 
 def cmd_info(args) -> None:
@@ -338,12 +507,23 @@ def cmd_info(args) -> None:
 
 
 def cmd_collect(args) -> None:
-    from promptkit.collect import from_folders, generate, open_pool, retrieve, save_collection
+    from promptkit.collect import (CollectionUnavailableError, from_folders, generate, generation_unavailable,
+                                   open_pool, retrieve, save_collection)
     from promptkit.data.classnames import class_list
+    from promptkit.data.errors import DataError
     from promptkit.data.sources import open_source
     from promptkit.methods.negmine import load_vocabulary, mine_negative_labels
     from promptkit.pipeline import extract_settings
 
+    _check_run_args(args)
+    _check_output(Path(args.output), "--output")
+    _check_pool(args.pool)
+    if args.folders and not Path(args.folders).expanduser().is_dir():
+        raise DataError(f"--folders {args.folders}: no such folder")
+    unavailable = generation_unavailable() if args.generate else None
+    if unavailable:
+        raise CollectionUnavailableError(f"--generate {args.generate}: image generation is unavailable: {unavailable}")
+    vocabulary = load_vocabulary(args.vocabulary)
     if args.classes:
         names = class_list(args.classes)
     elif args.id:
@@ -353,9 +533,9 @@ def cmd_collect(args) -> None:
 
         names = embedded_datasets().class_names
     if not names:
-        raise ValueError("no ID class names: give --classes FILE or an --id folder with class subfolders")
+        raise DataError("no ID class names: give --classes FILE or an --id folder with class subfolders")
     clip, options = _clip(args), _options(args)
-    negatives = mine_negative_labels(clip, names, load_vocabulary(args.vocabulary), count=args.negatives,
+    negatives = mine_negative_labels(clip, names, vocabulary, count=args.negatives,
                                      cache_dir=options.cache_dir, progress=options.progress)
     labels = names + list(negatives.words)
     settings = extract_settings(options)
@@ -375,25 +555,42 @@ def cmd_collect(args) -> None:
 
 
 COMMANDS = {"collect": cmd_collect, "train": cmd_train, "eval": cmd_eval, "score": cmd_score, "extract": cmd_extract,
-            "compare": cmd_compare, "info": cmd_info}
+            "compare": cmd_compare, "info": cmd_info, "reproduce": cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if os.environ.get("PROMPTKIT_DEBUG"):
+    if args.debug or os.environ.get("PROMPTKIT_DEBUG", "") not in ("", "0"):
         _run(args)
         return 0
     try:
-        _run(args)
-    except USER_ERRORS as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"promptkit {args.command}: error: {message}", file=sys.stderr)
-        return 1
+        with warnings.catch_warnings():  # restores Python's warning display afterwards
+            warnings.showwarning = _show_warning
+            _run(args)
+    except UserError as error:
+        return _fail(args.command, str(error) or type(error).__name__)
+    except OSError as error:
+        if not isinstance(error, PATH_ERRORS) and error.errno not in PATH_ERRNOS:
+            raise
+        return _fail(args.command, (f"{error.filename}: " if error.filename else "") + (error.strerror or str(error)))
     except KeyboardInterrupt:
-        print("promptkit: interrupted", file=sys.stderr)
+        print(f"promptkit {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _fail(command: str, message: str) -> int:
+    """Print a user error as one line and return exit code 1."""
+    print(f"promptkit {command}: error: {message.splitlines()[0]}", file=sys.stderr)
+    return 1
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """A warning as one line, without Python's category and source line (``--debug`` keeps those)."""
+    print(f"promptkit: warning: {message}", file=file or sys.stderr)
 
 
 def _run(args) -> None:

@@ -29,3 +29,12 @@ def tiny(tiny_weights: Path) -> ClipModel:
 @pytest.fixture(scope="session")
 def vit_b16() -> ClipModel:
     return load_clip("ViT-B-16", "random")
+
+
+@pytest.fixture(scope="session")
+def tower_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Model config files of every text tower kind (``towers.KINDS``), built offline; needs transformers."""
+    pytest.importorskip("transformers")
+    from .towers import write_configs
+
+    return write_configs(tmp_path_factory.mktemp("towers"))

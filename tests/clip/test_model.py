@@ -273,3 +273,119 @@ def test_bad_arguments() -> None:
         load_clip("promptkit-tiny", "random", precision="fp8")
     with pytest.raises(ValueError, match="invalid device 'gpu0'"):
         load_clip("promptkit-tiny", "random", device="gpu0")
+
+
+# --- model config files ----------------------------------------------------------------------------------------
+
+
+def test_model_config_file_is_registered_and_recorded(tmp_path: Path) -> None:
+    config = json.loads(model_module.EMBEDDED_CONFIG.read_text())
+    path = tmp_path / "pk-test-from-file.json"
+    path.write_text(json.dumps(config))
+    clip = load_clip(str(path), "random")
+    assert clip.name == str(path.resolve())  # prompts.json records the path: a reload registers it again
+    assert clip.fingerprint == f"{path.resolve()}:random"
+    assert "pk-test-from-file" in open_clip.list_models()
+    texts = ["a dog", "shirt"]
+    assert (clip.encode_texts(texts) - clip.model.encode_text(clip.tokenizer(texts))).abs().max().item() < 1e-5
+    assert load_clip(str(path), "random").fingerprint == clip.fingerprint
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", r"pk-bad\.json is not readable JSON"),
+    ('{"embed_dim": 32, "vision_cfg": {}}', r"does not describe an open_clip CLIP: no text_cfg"),
+    ("[1, 2]", r"does not describe an open_clip CLIP: no embed_dim, vision_cfg, text_cfg"),
+    ('{"embed_dim": "32", "vision_cfg": {}, "text_cfg": {}}', r"embed_dim must be an integer"),
+    ('{"embed_dim": 32, "vision_cfg": {"layers": 1, "nonsense": 3}, "text_cfg": {}}',
+     r"cannot build open_clip model 'pk-bad'"),
+])
+def test_bad_model_config_file_is_one_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "pk-bad.json"
+    path.write_text(content)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        load_clip(str(path), "random")
+    assert "\n" not in str(info.value)
+
+
+def test_config_file_errors_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="model config file not found"):
+        load_clip(str(tmp_path / "missing.json"), "random")
+    clash = tmp_path / "ViT-B-16.json"
+    clash.write_text(json.dumps({**open_clip.get_model_config("ViT-B-16"), "embed_dim": 64}))
+    with pytest.raises(ModelLoadError, match="named like the registered model 'ViT-B-16' but differs"):
+        load_clip(str(clash), "random")
+    assert open_clip.get_model_config("ViT-B-16")["embed_dim"] == 512  # not overwritten
+
+
+def test_transformers_missing_is_one_line_before_any_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real = model_module.importlib.util.find_spec
+    monkeypatch.setattr(model_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r"needs the transformers package: pip install 'promptkit\[hf\]'"):
+        load_clip("ViT-B-16-SigLIP", "random")
+    with pytest.raises(ModelLoadError, match="Hugging Face text tower 'roberta-base' needs the transformers"):
+        load_clip("roberta-ViT-B-32", "random")
+
+
+def test_hugging_face_parts_are_never_downloaded() -> None:
+    pytest.importorskip("transformers")
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"tokenizer 'roberta-base' must be a local folder") as info:
+        load_clip("roberta-ViT-B-32", "random")
+    assert "\n" not in str(info.value) and time.perf_counter() - start < 30
+    with pytest.raises(ModelLoadError, match="its Hugging Face text model 'roberta-base' is neither a local folder"):
+        create_model("roberta-ViT-B-32", quick_gelu=True)
+
+
+# --- the QuickGELU decision for weights files -----------------------------------------------------------------
+
+
+def test_quick_gelu_cannot_be_known_warns_once_with_the_flag(tmp_path: Path) -> None:
+    # the README's file name: the Hugging Face name of OpenAI's ViT-B-16 weights and of LAION's (GELU) ones
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    path.write_bytes(b"stand-in")
+    with pytest.warns(UserWarning, match=r"open_clip_pytorch_model\.bin is the file name of both QuickGELU weights "
+                                         r"of ViT-B-16 \(openai.*--quick-gelu yes \(quick_gelu=True\)"):
+        source = resolve_weights("ViT-B-16", path)
+    assert source.quick_gelu is False and source.quick_gelu_from.startswith("assumed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_weights("ViT-B-16", path).quick_gelu is False  # warned once per file
+        flagged = resolve_weights("ViT-B-16", path, quick_gelu=True)
+    assert flagged.quick_gelu is True and flagged.quick_gelu_from == "set explicitly (--quick-gelu)"
+    other = tmp_path / "finetuned.safetensors"
+    other.write_bytes(b"stand-in")
+    with pytest.warns(UserWarning, match="the file does not tell"):
+        resolve_weights("ViT-B-16", other)
+
+
+def test_quick_gelu_from_registry_file_names(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # every RN50 tag on the hub is QuickGELU, so its hub file name decides
+        (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"stand-in")
+        rn50 = resolve_weights("RN50", tmp_path / "open_clip_pytorch_model.bin")
+        assert rn50.quick_gelu is True and rn50.quick_gelu_from.startswith("the Hugging Face file name of RN50")
+        # a registry download without a recorded hash (MetaCLIP's b16_400m.pt) is known by its name
+        (tmp_path / "b16_400m.pt").write_bytes(b"stand-in")
+        metaclip = resolve_weights("ViT-B-16", tmp_path / "b16_400m.pt")
+        assert metaclip.quick_gelu is True and "ViT-B-16:metaclip_400m" in metaclip.quick_gelu_from
+        # no QuickGELU weights exist for SigLIP: GELU, no warning
+        siglip = resolve_weights("ViT-B-16-SigLIP", tmp_path / "b16_400m.pt")
+        assert siglip.quick_gelu is False and siglip.quick_gelu_from.startswith("no QuickGELU weights")
+        quick = resolve_weights("ViT-B-16-quickgelu", tmp_path / "b16_400m.pt")
+        assert quick.quick_gelu is True and quick.quick_gelu_from == "the model config of 'ViT-B-16-quickgelu'"
+
+
+@pytest.mark.parametrize("host", ["openaipublic", "mlfoundations"])
+def test_quick_gelu_from_a_registry_sha256(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path, host: str) -> None:
+    """OpenAI's URLs hold the file's sha256, open_clip's release names its first 8 hex digits."""
+    digest = hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
+    url = (f"https://openaipublic.azureedge.net/clip/models/{digest}/tiny.pt" if host == "openaipublic"
+           else f"https://github.com/mlfoundations/open_clip/releases/download/v0/tiny-{digest[:8]}.pt")
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "promptkit-tiny",
+                        {"mine": {"url": url, "hf_hub": "", "quick_gelu": True}, "gelu": {"url": "", "hf_hub": ""}})
+    source = resolve_weights("promptkit-tiny", tiny_weights)
+    assert source.quick_gelu is True
+    assert source.quick_gelu_from == "the sha256 of open_clip's promptkit-tiny:mine download"
+    assert source.base_fingerprint == digest[:16]
