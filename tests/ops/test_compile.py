@@ -10,6 +10,22 @@ from .conftest import make_inputs
 OPS = torch.ops.promptkit
 
 
+def assert_compiled_step_matches_eager(step, inputs) -> None:
+    """``step(*inputs) -> (loss, score)`` under ``torch.compile(fullgraph=True)``: same loss, score and input
+    gradients as eager."""
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    eager_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    loss, score = compiled(*leaves)
+    eager_loss, eager_score = step(*eager_leaves)
+    loss.backward()
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(score, eager_score)
+    for got, want in zip(leaves, eager_leaves):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
 def _opcheck_cases():
     image, pos, neg, labels = make_inputs((3, 2, 2, 5), torch.float64, "cpu")
     flat = neg.reshape(-1, 5)
@@ -55,14 +71,4 @@ def test_torch_compile_training_step_matches_eager():
         score = ops.lsn_score(image, pos, neg, backend="cpp")
         return loss, score
 
-    compiled = torch.compile(step, fullgraph=True, backend="inductor")
-    leaves = [t.clone().requires_grad_(True) for t in (image, pos, neg)]
-    eager_leaves = [t.clone().requires_grad_(True) for t in (image, pos, neg)]
-    loss, score = compiled(*leaves)
-    eager_loss, eager_score = step(*eager_leaves)
-    loss.backward()
-    eager_loss.backward()
-    torch.testing.assert_close(loss, eager_loss)
-    torch.testing.assert_close(score, eager_score)
-    for got, want in zip(leaves, eager_leaves):
-        torch.testing.assert_close(got.grad, want.grad)
+    assert_compiled_step_matches_eager(step, (image, pos, neg))

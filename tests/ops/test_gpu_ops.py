@@ -11,7 +11,7 @@ import torch
 from promptkit import ops
 
 from .conftest import GPU_BACKENDS, make_inputs
-from .test_compile import _opcheck_cases
+from .test_compile import _opcheck_cases, assert_compiled_step_matches_eager
 
 BACKENDS = [backend for backend, _ in GPU_BACKENDS]
 
@@ -39,17 +39,7 @@ def test_torch_compile_training_step_on_cuda_matches_eager(backend):
                 + ops.orthogonality_loss(neg, backend=backend))
         return loss, ops.lsn_score(image, pos, neg, backend=backend)
 
-    compiled = torch.compile(step, fullgraph=True, backend="inductor")
-    leaves = [t.clone().requires_grad_(True) for t in (image, pos, neg)]
-    eager_leaves = [t.clone().requires_grad_(True) for t in (image, pos, neg)]
-    loss, score = compiled(*leaves)
-    eager_loss, eager_score = step(*eager_leaves)
-    loss.backward()
-    eager_loss.backward()
-    torch.testing.assert_close(loss, eager_loss)
-    torch.testing.assert_close(score, eager_score)
-    for got, want in zip(leaves, eager_leaves):
-        torch.testing.assert_close(got.grad, want.grad)
+    assert_compiled_step_matches_eager(step, (image, pos, neg))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
