@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from .cli_helpers import run_cli
+from .cli_helpers import image_folder, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +29,6 @@ def _one_line_error(result, *fragments):
     assert lines[-1].startswith("promptkit "), result.stderr
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
-
-
-def _image_folder(root, classes=("a", "b"), per_class=2):
-    rng = np.random.default_rng(0)
-    for name in classes:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
 
 
 def test_train_on_embedded_default_writes_the_contract(trained):
@@ -104,7 +93,7 @@ def test_missing_data_root(tmp_path, cache):
 
 
 def test_empty_class_list(tmp_path, cache):
-    images = _image_folder(tmp_path / "id")
+    images = image_folder(tmp_path / "id")
     (tmp_path / "classes.txt").write_text("")
     result = run_cli("train", "--method", "mcm", "--id", str(images), "--ood", f"x={images}", "--classes",
                      str(tmp_path / "classes.txt"), "--output", str(tmp_path / "out"), cwd=tmp_path, cache=cache,
@@ -114,7 +103,7 @@ def test_empty_class_list(tmp_path, cache):
 
 
 def test_corrupt_image_skip_or_fail(tmp_path, cache):
-    images = _image_folder(tmp_path / "id")
+    images = image_folder(tmp_path / "id")
     (images / "a" / "broken.png").write_bytes(b"\x89PNG not really")
     result = run_cli("extract", "--images", str(images), cwd=tmp_path, cache=cache, check=False)
     assert result.returncode == 0 and "1 unreadable skipped" in result.stdout

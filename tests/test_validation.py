@@ -11,10 +11,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from promptkit import cli
 from promptkit.cli import main
@@ -22,6 +20,8 @@ from promptkit.data.errors import DataError
 from promptkit.errors import ConfigError
 from promptkit.methods import METHODS
 from promptkit.methods.config import apply_settings, parse_pairs
+
+from .cli_helpers import image_folder
 
 
 @dataclass
@@ -122,25 +122,17 @@ def test_parse_pairs_refuses_what_would_be_lost():
 
 # -- the pipeline ------------------------------------------------------------------------------------------
 
-def _folder(root, classes=("a", "b"), per_class=3):
-    rng = np.random.default_rng(0)
-    for name in classes:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
-
-
 def test_resolve_datasets_refuses_ambiguous_or_degenerate_data(tmp_path, monkeypatch):
     from promptkit import pipeline
 
-    two = str(_folder(tmp_path / "two"))
+    two = str(image_folder(tmp_path / "two", per_class=3))
     with pytest.raises(ConfigError, match="--ood x= is given twice"):
         pipeline.resolve_datasets(id=two, ood=["x=embedded:digits", "x=embedded:textures"])
     with pytest.raises(ConfigError, match="'id' is reserved"):
         pipeline.resolve_datasets(id=two, ood=["id=embedded:digits"])
+    one = image_folder(tmp_path / "one", classes=("a",), per_class=3)
     with pytest.raises(DataError, match="fewer than two ID classes"):
-        pipeline.resolve_datasets(id=str(_folder(tmp_path / "one", classes=("a",))), ood=["x=embedded:digits"])
+        pipeline.resolve_datasets(id=str(one), ood=["x=embedded:digits"])
     with pytest.raises(ConfigError, match="only read with --benchmark"):
         pipeline.resolve_datasets(data_root=str(tmp_path))
     monkeypatch.setattr(pipeline, "resolve_benchmark", lambda name, root: (pipeline.open_source(two),
@@ -154,7 +146,7 @@ def test_threshold_metadata_says_where_it_came_from(tmp_path, monkeypatch):
     from promptkit.pipeline import Datasets, RunOptions, open_source, train_and_evaluate
 
     monkeypatch.setenv("PROMPTKIT_CACHE", str(tmp_path / "cache"))
-    images = str(_folder(tmp_path / "images"))
+    images = str(image_folder(tmp_path / "images", per_class=3))
     data = Datasets(["a", "b"], open_source(images), {"digits": open_source("embedded:digits")}, open_source(images))
     clip, options = load_clip(), RunOptions(progress=False, backend="torch")  # the split, not the kernels
     every = train_and_evaluate("coop", clip, data, 0, 1, {"epochs": "1", "batch_size": "2"}, options)
@@ -200,7 +192,7 @@ def no_work(monkeypatch, tmp_path, saved_prompts):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir").mkdir()
-    _folder(tmp_path / "one", classes=("a",))
+    image_folder(tmp_path / "one", classes=("a",), per_class=3)
     shutil.copytree(saved_prompts, tmp_path / "prompts")
     return tmp_path
 
