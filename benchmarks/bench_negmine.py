@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from promptkit.clip import load_clip
-from promptkit.methods.negmine import Vocabulary, default_vocabulary, mine_negative_labels
+from promptkit.negmine import Vocabulary, default_vocabulary, mine_negative_labels
 
 from .conftest import DEVICE, QUICK
 

@@ -512,7 +512,7 @@ def cmd_collect(args) -> None:
     from promptkit.data.classnames import class_list
     from promptkit.data.errors import DataError
     from promptkit.data.sources import open_source
-    from promptkit.methods.negmine import load_vocabulary, mine_negative_labels
+    from promptkit.negmine import load_vocabulary, mine_negative_labels
     from promptkit.pipeline import extract_settings
 
     _check_run_args(args)

@@ -33,7 +33,7 @@ from promptkit.clip import PromptLearner
 from promptkit.distributed import encode_prompts
 from promptkit.methods.base import Method
 from promptkit.methods.training import Stage, clip_logit_scale, train_loop
-from promptkit.methods.negmine import (
+from promptkit.negmine import (
     MINING_TEMPLATES,
     PERCENTILE_RULES,
     NegativeLabels,

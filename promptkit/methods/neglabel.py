@@ -1,6 +1,6 @@
 """NegLabel (Jiang et al., ICLR 2024): zero-shot OOD detection with mined negative labels.
 
-NegMine (``promptkit.methods.negmine``) picks the vocabulary words farthest from the ID labels; the score is
+NegMine (``promptkit.negmine``) picks the vocabulary words farthest from the ID labels; the score is
 the ID probability mass of one softmax over the C ID and M negative label prompts at tau = 0.01, averaged
 over 100 groups of negatives (a seeded CPU permutation). The mined labels are saved in the sidecar, so a
 reload scores without mining again.
@@ -17,7 +17,7 @@ from torch import Tensor
 from promptkit import ops
 from promptkit.methods.base import Method
 from promptkit.ops.reference import GROUP_ORDERS
-from promptkit.methods.negmine import (
+from promptkit.negmine import (
     ID_TEMPLATE,
     NegativeLabels,
     embed_words,

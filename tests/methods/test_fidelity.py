@@ -13,7 +13,7 @@ from promptkit.errors import ConfigError
 from promptkit.methods.base import resolve_config
 from promptkit.methods.lapt import LAPTConfig
 from promptkit.methods.lsn import LSN, LSNConfig, code_orthogonality
-from promptkit.methods.negmine import MINING_TEMPLATES, word_distances
+from promptkit.negmine import MINING_TEMPLATES, word_distances
 from promptkit.methods.negprompt import NegPromptConfig
 from promptkit.methods.training import Stage
 from promptkit.ops import reference

@@ -11,9 +11,10 @@ import torch
 from promptkit.assets import build_vocabulary
 from promptkit.clip import load_clip
 from promptkit.data.errors import DataError
-from promptkit.methods import load_method, negmine
+from promptkit import negmine
+from promptkit.methods import load_method
 from promptkit.methods.neglabel import NegLabel, NegLabelConfig
-from promptkit.methods.negmine import (
+from promptkit.negmine import (
     Vocabulary,
     default_vocabulary,
     embed_words,
