@@ -45,7 +45,7 @@ def negative_loss(lsn: LSN, features: torch.Tensor, labels: torch.Tensor, frozen
     features: [B, E] image features; labels: [B]; frozen: [K, C, E] text features of every set.
     """
     c = lsn.config
-    current = encode_prompts(lsn.negative, sets=[0])[0]  # [C, E]
+    current = encode_prompts(lsn.negative_prompts, sets=[0])[0]  # [C, E]
     sets = torch.cat([current[None], frozen[1:]]).transpose(0, 1)  # [C, K, E]
     return (lsn._negative_loss(features, current, labels)
             + c.ortho_weight * ops.orthogonality_loss(sets, "abs_sum", backend=lsn.backend))
@@ -55,7 +55,7 @@ def first_loss(lsn: LSN, features: torch.Tensor, labels: torch.Tensor, backend: 
     """The loss of the first step on ``backend``, under bf16 autocast or in plain fp32."""
     lsn.backend = backend
     with torch.no_grad(), torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return float(negative_loss(lsn, features, labels, encode_prompts(lsn.negative)))
+        return float(negative_loss(lsn, features, labels, encode_prompts(lsn.negative_prompts)))
 
 
 def time_backend(lsn: LSN, features: torch.Tensor, labels: torch.Tensor, backend: str, steps: int, warmup: int
@@ -67,12 +67,12 @@ def time_backend(lsn: LSN, features: torch.Tensor, labels: torch.Tensor, backend
     """
     device = features.device
     lsn.backend = backend
-    ctx = lsn.negative.ctx
+    ctx = lsn.negative_prompts.ctx
     start = ctx.detach().clone()
     optimizer = torch.optim.Adam([ctx], lr=lsn.config.neg_lr)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     with torch.no_grad(), autocast:
-        frozen = encode_prompts(lsn.negative)
+        frozen = encode_prompts(lsn.negative_prompts)
 
     def step() -> None:
         with autocast:

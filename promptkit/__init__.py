@@ -1,6 +1,6 @@
 """promptkit: prompt learning for out-of-distribution detection with CLIP-style models."""
 
-__version__ = "0.1.0"
+from promptkit.version import __version__
 
 __all__ = ["Detector", "__version__"]
 

@@ -9,7 +9,6 @@ everything with ``--debug`` or ``PROMPTKIT_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
-import csv
 import errno
 import os
 import sys
@@ -18,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from promptkit.data.atomic import atomic_dir, atomic_write
 from promptkit.errors import ConfigError, UserError
 
 # OS errors that are about the user's files or disk, not about promptkit: one line naming the path.
@@ -83,27 +81,30 @@ def _add_data_args(parser: argparse.ArgumentParser, with_train: bool = True) -> 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     from promptkit.ops import BACKENDS
+    from promptkit.pipeline import RunOptions as defaults  # the class's field defaults are the flags' defaults
 
     group = parser.add_argument_group("run")
-    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    group.add_argument("--backend", default="auto", choices=("auto", *BACKENDS), help="op backend (default auto)")
+    group.add_argument("--device", default=defaults.device, help=f"cpu, cuda or cuda:N (default {defaults.device})")
+    group.add_argument("--backend", default=defaults.backend, choices=("auto", *BACKENDS),
+                       help=f"op backend (default {defaults.backend})")
     group.add_argument("--cache-dir", default=None, help="feature cache (default $PROMPTKIT_CACHE or "
                                                           "~/.cache/promptkit/features)")
-    group.add_argument("--batch-size", type=_count(1), default=256, help="images per encoder batch")
-    group.add_argument("--shard-size", type=_count(1), default=4096,
+    group.add_argument("--batch-size", type=_count(1), default=defaults.batch_size, help="images per encoder batch")
+    group.add_argument("--shard-size", type=_count(1), default=defaults.shard_size,
                        help="images per feature-cache shard: the unit a torchrun rank encodes and a rerun resumes")
-    group.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
+    group.add_argument("--on-bad-image", choices=["skip", "fail"], default=defaults.on_bad_image,
                        help="unreadable images: skip with a warning and a count (default), or fail naming the file")
-    group.add_argument("--fpr-positive", choices=["id", "ood"], default="id",
+    group.add_argument("--fpr-positive", choices=["id", "ood"], default=defaults.fpr_positive,
                        help="FPR95 convention: id (MCM/LSN/NegPrompt tables) or ood (OpenOOD/LAPT)")
-    group.add_argument("--keep-id", type=_share, default=0.95,
-                       help="share of held-out ID images the saved decision threshold keeps as ID (default 0.95)")
+    group.add_argument("--keep-id", type=_share, default=defaults.keep_id,
+                       help="share of held-out ID images the saved decision threshold keeps as ID "
+                            f"(default {defaults.keep_id})")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--plots", action="store_true", help="also write score histograms and ROC curves")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from promptkit.methods import METHODS
+    from promptkit.methods import METHODS, TrainingData
 
     parser = argparse.ArgumentParser(prog="promptkit", description="Prompt learning for OOD detection with CLIP.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -153,20 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(compare)
     _add_run_args(compare)
 
-    collect = sub.add_parser("collect", help="collect training images for the ID and mined negative labels (LAPT)")
+    label_driven = sorted(name for name, cls in METHODS.items() if cls.training_data is TrainingData.LABEL_IMAGES)
+    collect = sub.add_parser("collect", help="collect the training images of a label-driven method (LAPT): its "
+                                             "ID and mined negative labels")
+    collect.add_argument("--method", choices=label_driven, default=label_driven[0])
     collect.add_argument("--output", required=True, help="folder for collection.txt, classnames.txt, "
                                                          "features.safetensors and negatives.txt")
-    collect.add_argument("--negatives", type=_count(1), default=1000, help="M negative labels to mine (default 1000)")
-    collect.add_argument("--vocabulary", help="word list file (default: the shipped WordNet list)")
-    collect.add_argument("--per-label", type=_count(1), default=16,
-                         help="images per label (retrieval top-k, generation)")
+    collect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="a method setting, e.g. --set train_negatives=1000 --set images_per_label=16 "
+                              "--set vocabulary=FILE")
+    collect.add_argument("--seed", type=_count(0), default=1)
     collect.add_argument("--pool", help="retrieve from this pool (image folder, list file, embedded:<split> or "
-                                        ".safetensors features; default: embedded:train)")
+                                        ".safetensors features; default: the embedded training images)")
     collect.add_argument("--folders", help="also take images from FOLDER/<label>/ subfolders")
     collect.add_argument("--generate", metavar="MODEL", help="also generate images with this diffusers model "
                                                                "(needs diffusers and a GPU)")
+    collect.add_argument("--id", help="ID images whose class subfolders name the classes")
+    collect.add_argument("--classes", help="ID class names in label order: a text file or a shipped list")
     _add_model_args(collect)
-    _add_data_args(collect, with_train=False)
     _add_run_args(collect)
 
     reproduce = sub.add_parser(
@@ -229,7 +234,7 @@ def _method_settings(args, methods: list[str]) -> dict[str, dict[str, str]]:
     from promptkit.methods.config import apply_settings, parse_pairs
 
     per_method: dict[str, dict[str, str]] = {method: {} for method in methods}
-    if args.command == "train":
+    if args.command != "compare":
         per_method[args.method] = parse_pairs(args.set, "--set", empty_values=True)
     else:
         for key, value in parse_pairs(args.set, "--set", "METHOD.KEY=VALUE", empty_values=True).items():
@@ -240,7 +245,7 @@ def _method_settings(args, methods: list[str]) -> dict[str, dict[str, str]]:
             per_method[method][setting] = value
     for method, settings in per_method.items():
         apply_settings(METHODS[method].Config, settings, method=method,
-                       prefix="" if args.command == "train" else f"{method}.")
+                       prefix="" if args.command != "compare" else f"{method}.")
     return per_method
 
 
@@ -297,7 +302,7 @@ def _options(args):
 
     return RunOptions(device=args.device, backend=args.backend, cache_dir=args.cache_dir,
                       batch_size=args.batch_size, on_bad_image=args.on_bad_image, keep_id=args.keep_id,
-                      progress=not args.no_progress and sys.stderr.isatty(), positive=args.fpr_positive,
+                      progress=not args.no_progress and sys.stderr.isatty(), fpr_positive=args.fpr_positive,
                       shard_size=args.shard_size)
 
 
@@ -321,13 +326,14 @@ def _quick_gelu(args) -> bool | None:
 
 
 def _clip(args, meta: dict | None = None):
+    """The model of the command: ``--model``, else (eval) the one the prompts record, else the embedded one."""
     from promptkit.clip import load_clip
+    from promptkit.methods.saved import recorded_model
 
-    name, pretrained = args.model, args.pretrained
-    if name is None:  # eval/score: the model the prompts were learned on, unless the user names one
-        name = meta["model"]["name"] if meta else "promptkit-tiny"
-        pretrained = pretrained or (meta["model"]["pretrained"] if meta else None)
-    return load_clip(name, pretrained, device=args.device, quick_gelu=_quick_gelu(args))
+    name, pretrained, quick_gelu = args.model, args.pretrained, _quick_gelu(args)
+    if meta is not None:
+        name, pretrained, quick_gelu = recorded_model(meta, name, pretrained, quick_gelu)
+    return load_clip(name or "promptkit-tiny", pretrained, device=args.device, quick_gelu=quick_gelu)
 
 
 def _data(args, with_train: bool = True):
@@ -342,9 +348,9 @@ def _data(args, with_train: bool = True):
 
 
 def _note_unused_train(args, methods: list[str]) -> None:
-    from promptkit.methods import METHODS
+    from promptkit.methods import METHODS, TrainingData
 
-    collecting = [m for m in methods if m in METHODS and METHODS[m].collects_training_images]
+    collecting = [m for m in methods if m in METHODS and METHODS[m].training_data is TrainingData.LABEL_IMAGES]
     if getattr(args, "train", None) and collecting:
         print(f"note: {', '.join(collecting)} collects its training images from --pool; --train is not used by it",
               file=sys.stderr)
@@ -370,7 +376,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from promptkit.data.errors import DataError
     from promptkit.methods import load_method
-    from promptkit.methods.base import read_metadata
+    from promptkit.methods.saved import read_metadata
     from promptkit.pipeline import evaluate, save_run, versions
 
     meta = read_metadata(args.prompts)
@@ -394,8 +400,8 @@ def cmd_eval(args) -> None:
 
 def cmd_score(args) -> None:
     from promptkit.data.sources import open_source
-    from promptkit.detector import Detector
-    from promptkit.methods.base import read_metadata
+    from promptkit.detector import Detector, write_predictions
+    from promptkit.methods.saved import read_metadata
     from promptkit.pipeline import extract
 
     read_metadata(args.prompts)
@@ -407,15 +413,10 @@ def cmd_score(args) -> None:
                              quick_gelu=_quick_gelu(args), backend=args.backend)
     # through the feature cache: torchrun shards, resumable, the --on-bad-image policy
     result = extract(detector.clip, source, _options(args))
-    predictions = detector.predict(result.features)
+    predictions = detector.decide(result.features, [source.describe(i) for i in result.kept.tolist()])
     if not is_main():
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "score", "predicted_class", "decision"])
-        for index, p in zip(result.kept.tolist(), predictions, strict=True):
-            writer.writerow([source.describe(index), f"{p.score:.6g}", p.label, p.decision])
+    write_predictions(out, predictions)
     flagged = sum(not p.is_id for p in predictions)
     print(f"scored {len(result.kept)} images ({len(result.skipped)} unreadable skipped), {flagged} flagged OOD "
           f"at threshold {detector.threshold}: {out}")
@@ -435,8 +436,7 @@ def cmd_extract(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from promptkit.eval.report import compare_table, write_json
-    from promptkit.pipeline import check_run, train_and_evaluate
+    from promptkit.pipeline import check_run, save_comparison, train_and_evaluate
 
     methods = _method_names(args.methods)
     seeds = _seed_list(args.seeds)
@@ -460,18 +460,12 @@ def cmd_compare(args) -> None:
     if not is_main():
         return
     out = Path(args.output)
-    table = compare_table(runs)
-    with atomic_dir(out) as staging:  # both files or neither
-        write_json(staging / "compare.json", {"runs": runs, "methods": methods, "seeds": seeds})
-        with atomic_write(staging / "compare.md") as tmp:
-            tmp.write_text(table + "\n")
-    print(table)
+    print(save_comparison(out, runs, methods, seeds))
     print(f"\nwrote {out / 'compare.json'} and {out / 'compare.md'}")
 
 
 def cmd_reproduce(args) -> None:
-    from promptkit.eval.report import write_json
-    from promptkit.reproduce import check_data, comparison, comparison_table, get_protocol, protocols, run_protocol
+    from promptkit.reproduce import check_data, get_protocol, protocols, run_protocol, save_reproduction
 
     if args.list or not args.protocol:
         for name, p in sorted(protocols().items()):
@@ -489,14 +483,7 @@ def cmd_reproduce(args) -> None:
     runs = run_protocol(protocol, _clip(args), args.data_root, _options(args), seeds, args.pool)
     if not is_main():
         return
-    rows = comparison(protocol, runs)
-    table = comparison_table(protocol, rows, len(runs))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "reproduce.json", {"protocol": protocol.name, "source": protocol.source,
-                                        "comparison": rows, "runs": runs})
-    with atomic_write(out / "reproduce.md") as tmp:
-        tmp.write_text(table)
-    print(table)
+    print(save_reproduction(out, protocol, runs))
     print(f"wrote {out / 'reproduce.json'} and {out / 'reproduce.md'}")
 
 
@@ -507,14 +494,13 @@ def cmd_info(args) -> None:
 
 
 def cmd_collect(args) -> None:
-    from promptkit.collect import (CollectionUnavailableError, from_folders, generate, generation_unavailable,
-                                   open_pool, retrieve, save_collection)
+    from promptkit.collect import CollectionUnavailableError, generation_unavailable
     from promptkit.data.classnames import class_list
     from promptkit.data.errors import DataError
     from promptkit.data.sources import open_source
-    from promptkit.negmine import load_vocabulary, mine_negative_labels
-    from promptkit.pipeline import extract_settings
+    from promptkit.pipeline import collect_training_images, embedded_datasets, make_method
 
+    settings = _method_settings(args, [args.method])[args.method]
     _check_run_args(args)
     _check_output(Path(args.output), "--output")
     _check_pool(args.pool)
@@ -523,35 +509,19 @@ def cmd_collect(args) -> None:
     unavailable = generation_unavailable() if args.generate else None
     if unavailable:
         raise CollectionUnavailableError(f"--generate {args.generate}: image generation is unavailable: {unavailable}")
-    vocabulary = load_vocabulary(args.vocabulary)
     if args.classes:
         names = class_list(args.classes)
-    elif args.id:
-        names = open_source(args.id).class_names
     else:
-        from promptkit.pipeline import embedded_datasets
-
-        names = embedded_datasets().class_names
+        names = open_source(args.id).class_names if args.id else embedded_datasets().class_names
     if not names:
         raise DataError("no ID class names: give --classes FILE or an --id folder with class subfolders")
     clip, options = _clip(args), _options(args)
-    negatives = mine_negative_labels(clip, names, vocabulary, count=args.negatives,
-                                     cache_dir=options.cache_dir, progress=options.progress)
-    labels = names + list(negatives.words)
-    settings = extract_settings(options)
-    pool = open_pool(args.pool or "embedded:train", clip, **settings)
-    collection = retrieve(clip, pool, labels, args.per_label)
-    if args.generate:
-        generated = generate(labels, args.per_label, Path(args.output) / "generated", args.generate)
-        collection = collection + from_folders(clip, generated, labels, **settings)
-    if args.folders:
-        collection = collection + from_folders(clip, args.folders, labels, **settings)
-    out = save_collection(collection, args.output)
-    with atomic_write(out / "negatives.txt") as tmp:
-        tmp.write_text("".join(f"{p}\t{w}\n" for w, p in zip(negatives.words, negatives.pos)))
+    method = make_method(args.method, clip, names, settings, args.seed, options.backend)
+    collection, out = collect_training_images(method, clip, args.output, options, args.pool, args.folders,
+                                              args.generate)
     counts = collection.counts()
-    print(f"{len(collection)} images for {int((counts > 0).sum())} of {len(labels)} labels ({len(names)} ID, "
-          f"{len(negatives)} negative) written to {out}")
+    print(f"{len(collection)} images for {int((counts > 0).sum())} of {len(counts)} labels ({len(names)} ID, "
+          f"{len(counts) - len(names)} negative) written to {out}")
 
 
 COMMANDS = {"collect": cmd_collect, "train": cmd_train, "eval": cmd_eval, "score": cmd_score, "extract": cmd_extract,

@@ -14,6 +14,7 @@ each image; its detector loads the whole model (``uses_text_tower``).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 from collections.abc import Sequence
@@ -26,11 +27,12 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from promptkit.clip.model import ClipModel, load_clip, parse_device
+from promptkit.data.atomic import atomic_write
 from promptkit.data.cache import extract_features
 from promptkit.data.errors import DataError
 from promptkit.data.sources import ImageFolderSource, ImageSource, _open_image, to_rgb
-from promptkit.methods import METHODS
-from promptkit.methods.base import HEAD_PREFIX, PROMPTS_FILE, Method, load_method, load_scorer, read_metadata
+from promptkit.methods import Method, load_method, load_scorer
+from promptkit.methods.saved import HEAD_PREFIX, PROMPTS_FILE, read_metadata, recorded_model
 
 ImageInput = str | os.PathLike[str] | Image.Image
 Images = ImageInput | Sequence[ImageInput] | Tensor
@@ -101,21 +103,16 @@ class Detector:
                 learned on another model, unknown method), before any image is read.
         """
         meta = read_metadata(directory)
-        saved = meta["model"]
-        name = model if model is not None else saved["name"]
-        if model is None and pretrained is None:
-            pretrained = saved["pretrained"]
-        if quick_gelu is None and model is None and isinstance(saved.get("quick_gelu"), bool):
-            quick_gelu = saved["quick_gelu"]  # the recorded model's recorded activation: decided once, at training
+        name, pretrained, quick_gelu = recorded_model(meta, model, pretrained, quick_gelu)
         device = parse_device(device)
         options = dict(device=device, precision=precision, quick_gelu=quick_gelu, cache_dir=cache_dir)
         method = None
         if _has_head(directory, meta["method"]):
             clip = load_clip(name, pretrained, text_tower=False, **options)
-            method = load_scorer(directory, clip, METHODS, backend=backend)
+            method = load_scorer(directory, clip, backend=backend)
         if method is None:  # no head for this method: rebuild the prompts on the whole model
             clip = load_clip(name, pretrained, **options)
-            method = load_method(directory, clip, METHODS, backend=backend)
+            method = load_method(directory, clip, backend=backend)
         return cls(clip, method)
 
     @property
@@ -189,6 +186,12 @@ class Detector:
                 image is encoded).
         """
         features, names = self.features(images, batch_size, on_bad_image)
+        return self.decide(features, names, threshold=threshold)
+
+    def decide(self, features: Tensor, names: Sequence[str | None], *, threshold: float | None = None
+               ) -> list[Prediction]:
+        """Score image features ``[N, E]`` and decide ID or OOD: one :class:`Prediction` per row, named by
+        ``names`` (N entries), at ``threshold`` (default ``self.threshold``; None decides ID for every image)."""
         scores, predicted = self.score(features)
         cut = self.threshold if threshold is None else float(threshold)
         values = scores.tolist()
@@ -199,6 +202,18 @@ class Detector:
         tower = "image and text towers" if self.uses_text_tower else "image tower"
         return (f"Detector({self.method.name}, {len(self.class_names)} classes, {self.clip.name} "
                 f"({self.clip.pretrained}), {tower}, threshold={self.threshold})")
+
+
+def write_predictions(path: str | os.PathLike[str], predictions: Sequence[Prediction]) -> Path:
+    """Write ``image,score,predicted_class,decision`` CSV rows, one per prediction, atomically (no partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "score", "predicted_class", "decision"])
+        for p in predictions:
+            writer.writerow([p.image, f"{p.score:.6g}", p.label, p.decision])
+    return path
 
 
 def _has_head(directory: str | os.PathLike[str], method: str) -> bool:

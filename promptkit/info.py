@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-import promptkit
+from promptkit.version import __version__
 from promptkit.ops import available_backends
 from promptkit.ops._backends import compiled_module
 
@@ -50,7 +50,7 @@ def extras() -> list[str]:
 
 def report() -> str:
     """A human-readable report of the installation."""
-    lines = [f"promptkit {promptkit.__version__}", f"python {platform.python_version()} ({platform.machine()})"]
+    lines = [f"promptkit {__version__}", f"python {platform.python_version()} ({platform.machine()})"]
     for package in ("torch", "open_clip_torch", "triton", "safetensors", "scikit-learn"):
         lines.append(f"{package} {package_version(package)}")
     module, why = compiled_module()
@@ -73,7 +73,7 @@ def report() -> str:
             lines.append(f"  {name:7s} {'yes' if not why else 'no  - ' + why}")
     lines.append("extras:")
     lines += extras()
-    from promptkit.clip.prompts import LENGTH_RULES  # imports open_clip: only here
+    from promptkit.clip.text import LENGTH_RULES  # imports open_clip: only here
 
     lines.append("text towers in prompt learning (each equals open_clip's encode_text):")
     lines += [f"  {TOWER_RULES[rule]}: {how}" for rule, how in LENGTH_RULES.items()]

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import promptkit
-from promptkit.data.atomic import atomic_dir
+from promptkit.collect import Collection, collect_images, save_collection
+from promptkit.data.atomic import atomic_dir, atomic_write
 from promptkit.data.cache import DEFAULT_SHARD_SIZE, Features, extract_features
 from promptkit.data.classnames import class_list
 from promptkit.data.errors import DataError
@@ -22,10 +22,10 @@ from promptkit.data.sources import EmbeddedSource, ImageSource, Subset, embedded
 from promptkit.data.specs import resolve as resolve_benchmark
 from promptkit.errors import ConfigError
 from promptkit.eval.metrics import accuracy, calibrate_threshold
-from promptkit.eval.report import summarize, write_reports
-from promptkit.methods import METHODS
-from promptkit.methods.base import Method
+from promptkit.eval.report import compare_table, summarize, write_json, write_reports
+from promptkit.methods import METHODS, LabelImages, Method, TrainingData
 from promptkit.methods.config import apply_settings, parse_pairs
+from promptkit.version import __version__
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Datasets:
 
 @dataclass
 class RunOptions:
-    """How features are computed and progress is shown."""
+    """How features are computed, progress is shown and metrics are counted (the CLI's defaults are these)."""
 
     device: str = "cpu"
     backend: str = "auto"
@@ -50,9 +50,14 @@ class RunOptions:
     batch_size: int = 256
     on_bad_image: str = "skip"
     progress: bool = True
-    positive: str = "id"
+    fpr_positive: str = "id"  # which side FPR95 counts as positive: "id" (MCM/LSN/NegPrompt) or "ood" (OpenOOD)
     keep_id: float = 0.95  # share of held-out ID images above the saved decision threshold
     shard_size: int = DEFAULT_SHARD_SIZE  # images per feature-cache shard (the unit of work of each rank)
+
+    def extract_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``extract_features``: cache, batch and shard sizes, bad images, progress."""
+        return dict(batch_size=self.batch_size, cache_dir=self.cache_dir, on_error=self.on_bad_image,
+                    progress=self.progress, shard_size=self.shard_size)
 
 
 def embedded_datasets() -> Datasets:
@@ -125,30 +130,22 @@ def split_training(labels: Tensor, shots: int, seed: int) -> tuple[Tensor, Tenso
     return chosen, rest
 
 
-def extract_settings(options: RunOptions) -> dict[str, Any]:
-    """The run's keyword arguments of ``extract_features``: cache, batch and shard sizes, bad images, progress."""
-    return dict(batch_size=options.batch_size, cache_dir=options.cache_dir, on_error=options.on_bad_image,
-                progress=options.progress, shard_size=options.shard_size)
-
-
 def extract(clip, source: ImageSource, options: RunOptions) -> Features:
     """The features of every readable image of ``source``, through the feature cache, with the run's settings."""
-    return extract_features(clip, source, device=clip.device, **extract_settings(options))
+    return extract_features(clip, source, device=clip.device, **options.extract_options())
 
 
-def features_of(clip, source: ImageSource, options: RunOptions) -> tuple[Tensor, Tensor]:
-    """Image features [N, E] (fp32, on options.device) and labels [N] of a source, through the feature cache."""
-    result = extract(clip, source, options)
-    return result.features.to(options.device), result.labels.to(options.device)
+def method_class(name: str) -> type[Method]:
+    """The registered method ``name``; a ``ConfigError`` naming the known ones otherwise."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def check_run(method_name: str, data: Datasets) -> None:
-    """Refuse, before any model is loaded, a run that cannot work: an unknown method, or one that learns prompts
-    from ID training images without them."""
-    if method_name not in METHODS:
-        raise ConfigError(f"unknown method {method_name!r}; choose one of {', '.join(METHODS)}")
-    cls = METHODS[method_name]
-    if cls.trainable and not cls.collects_training_images and data.train is None:
+    """Refuse, before any model is loaded, a run that cannot work: an unknown method, or one that learns from
+    ID training images without them."""
+    if method_class(method_name).training_data is TrainingData.ID_IMAGES and data.train is None:
         raise ConfigError(f"{method_name} learns prompts: give --train DIR|LIST (few-shot ID training images)")
 
 
@@ -157,9 +154,7 @@ def make_method(name: str, clip, class_names: list[str], overrides: dict[str, An
     """Instantiate method ``name`` with its paper defaults, the user's overrides and the run's seed.
 
     ``overrides`` are typed and range-checked by ``apply_settings``: command-line strings or Python values."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    cls = METHODS[name]
+    cls = method_class(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     config = apply_settings(cls.Config, overrides, method=name)
     if "seed" in fields and "seed" not in overrides:
@@ -181,7 +176,7 @@ def evaluate(method: Method, clip, data: Datasets, options: RunOptions) -> dict[
     id_features, id_labels = features("id", data.id)
     id_scores, predicted = method.score(id_features)
     ood_scores = {name: method.score(features(name, source)[0])[0] for name, source in data.ood.items()}
-    results = summarize(id_scores, ood_scores, positive=options.positive)
+    results = summarize(id_scores, ood_scores, positive=options.fpr_positive)
     labelled = id_labels >= 0
     results["id_accuracy"] = accuracy(predicted[labelled], id_labels[labelled]) if labelled.any() else None
     results["skipped_images"] = skipped
@@ -196,30 +191,84 @@ class RunResult:
     scores: dict[str, Tensor] = field(default_factory=dict)
 
 
-def collect_training_features(method: Method, clip, data: Datasets, options: RunOptions
-                              ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Features [N, E] and labels [N] in [0, C+M) of pool images retrieved for the method's training labels.
+@dataclass
+class TrainingSet:
+    """What a run fits on and calibrates with: features [N, E] and labels [N] for ``fit`` (None when the method
+    learns nothing), held-out ID features [M, E] for the threshold (None: the ID test scores) and what the
+    metadata records about them."""
 
-    The pool is ``data.pool``, else the embedded training images with their labels ignored.
+    features: Tensor | None
+    labels: Tensor | None
+    heldout: Tensor | None
+    info: dict[str, Any]
+
+
+def collected_training_set(wanted: LabelImages, num_id: int, clip, data: Datasets, options: RunOptions
+                           ) -> TrainingSet:
+    """Features and labels in [0, len(wanted.labels)) of pool images retrieved for ``wanted``'s labels, whose
+    first ``num_id`` are the ID classes. The pool is ``data.pool``, else the embedded training images with their
+    labels ignored."""
+    collection, info = collect_images(clip, wanted.labels, wanted.per_label, data.pool, num_id=num_id,
+                                      **options.extract_options())
+    return TrainingSet(collection.features.to(options.device), collection.labels.to(options.device), None,
+                       {**info, "threshold_from": "ID test images"})
+
+
+def id_training_set(method: Method, clip, data: Datasets, shots: int, seed: int, options: RunOptions
+                    ) -> TrainingSet:
+    """The seeded few-shot ID training images and up to ``HELDOUT_LIMIT`` others held out for the threshold.
+
+    Only the sampled images are encoded (few-shot runs on ImageNet must not extract 1.28M features); a
+    zero-shot method uses the training images only as held-out ones.
     """
-    from promptkit.collect import open_pool, retrieve
+    learns = method.training_data is not TrainingData.NONE
+    chosen, rest = split_training(data.train.labels, shots, seed)
+    info: dict[str, Any] = {"train_images": len(chosen), "heldout_images": len(rest)}
+    features = labels = None
+    if learns or not len(rest):
+        # The whole training set keeps its own cache entry (e.g. one `promptkit extract` made).
+        everything = torch.equal(chosen, torch.arange(len(data.train)))
+        result = extract(clip, data.train if everything else Subset(data.train, chosen), options)
+        features, labels = result.features.to(options.device), result.labels.to(options.device)
+    heldout = extract(clip, Subset(data.train, rest), options).features.to(options.device) if len(rest) \
+        else features
+    if len(rest):
+        info["threshold_from"] = "held-out ID training images"
+    elif learns:  # --shots 0, or classes with no more images than shots: nothing was held out
+        info["threshold_from"] = "the ID training images it was trained on (none held out)"
+    else:
+        info["threshold_from"] = "ID training images (not trained on: a zero-shot method)"
+    return TrainingSet(features if learns else None, labels if learns else None, heldout, info)
 
-    pool_spec = data.pool if data.pool is not None else EmbeddedSource("train")
-    pool = open_pool(pool_spec, clip, **extract_settings(options))
-    labels = method.training_labels()
-    collection = retrieve(clip, pool, labels, method.config.images_per_label)
-    counts = collection.counts()
-    num_id = len(method.class_names)
-    info = {"pool": str(data.pool) if data.pool is not None else "embedded:train (labels ignored)",
-            "pool_images": len(pool.features), "collected_images": len(collection),
-            "labels_with_images": {"id": int((counts[:num_id] > 0).sum()),
-                                   "negative": int((counts[num_id:] > 0).sum())}}
-    return collection.features.to(options.device), collection.labels.to(options.device), info
+
+def training_set(method: Method, clip, data: Datasets, shots: int, seed: int, options: RunOptions) -> TrainingSet:
+    """What ``method`` declares it learns from (``Method.training_data``), read or collected for this run."""
+    if method.training_data is TrainingData.LABEL_IMAGES:
+        return collected_training_set(method.label_images(), len(method.class_names), clip, data, options)
+    if data.train is not None:
+        return id_training_set(method, clip, data, shots, seed, options)
+    return TrainingSet(None, None, None, {"threshold_from": "ID test images"})
+
+
+def collect_training_images(method: Method, clip, output: str | os.PathLike[str], options: RunOptions,
+                            pool: str | None = None, folders: str | None = None, generate: str | None = None
+                            ) -> tuple[Collection, Path]:
+    """Collect, and save into ``output``, the images a ``TrainingData.LABEL_IMAGES`` method asks for: from
+    ``pool`` (default the embedded training images, labels ignored), ``folders``/<label>/ and images generated
+    with the diffusers model ``generate``. Returns the collection and the folder it was saved in."""
+    if method.training_data is not TrainingData.LABEL_IMAGES:
+        raise ConfigError(f"{method.name} does not learn from images collected per label; nothing to collect")
+    method.prepare(options.cache_dir, options.progress)
+    wanted = method.label_images()
+    collection, _ = collect_images(clip, wanted.labels, wanted.per_label, pool, folders=folders,
+                                   generate_model=generate, generated_dir=Path(output) / "generated",
+                                   num_id=len(method.class_names), **options.extract_options())
+    return collection, save_collection(collection, output, negatives=wanted.negatives)
 
 
 def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int | None, seed: int,
                        overrides: dict[str, Any], options: RunOptions) -> RunResult:
-    """Fit ``method_name`` on (few-shot) training features, calibrate its threshold and evaluate it.
+    """Fit ``method_name`` on its training data, calibrate its threshold and evaluate it.
 
     ``shots`` None takes the method's paper protocol (``Method.default_shots``); the metadata says which.
     """
@@ -228,38 +277,17 @@ def train_and_evaluate(method_name: str, clip, data: Datasets, shots: int | None
     method = make_method(method_name, clip, data.class_names, overrides, seed, options.backend)
     shots_from = "--shots" if shots is not None else "the method's paper protocol (Method.default_shots)"
     shots = shots if shots is not None else method.default_shots
-    train_info: dict[str, Any] = {"shots": shots, "shots_from": shots_from, "seed": seed}
-    heldout, threshold_from = None, "ID test images"
-    method.mine(options.cache_dir, options.progress)  # NegLabel/LAPT: negative labels, in the run's cache
-    if method.collects_training_images:
-        feats, labels, collected = collect_training_features(method, clip, data, options)
-        train_info.update(collected)
-        method.fit(feats, labels, progress=options.progress)
-    elif method.trainable or data.train is not None:
-        # Only the sampled images are encoded: few-shot runs on ImageNet must not extract 1.28M features.
-        chosen, rest = split_training(data.train.labels, shots, seed)
-        # The whole training set keeps its own cache entry (e.g. one `promptkit extract` made).
-        everything = torch.equal(chosen, torch.arange(len(data.train)))
-        if method.trainable or not len(rest):  # zero-shot methods use the training images only as held-out ones
-            feats, labels = features_of(clip, data.train if everything else Subset(data.train, chosen), options)
-        heldout = features_of(clip, Subset(data.train, rest), options)[0] if len(rest) else feats
-        train_info.update(train_images=len(chosen), heldout_images=len(rest))
-        if len(rest):
-            threshold_from = "held-out ID training images"
-        elif method.trainable:  # --shots 0, or classes with no more images than shots: nothing was held out
-            threshold_from = "the ID training images it was trained on (none held out)"
-        else:
-            threshold_from = "ID training images (not trained on: a zero-shot method)"
-        if method.trainable:
-            method.fit(feats, labels, progress=options.progress)
+    method.prepare(options.cache_dir, options.progress)  # e.g. mined negative labels, in the run's cache
+    train = training_set(method, clip, data, shots, seed, options)
+    if train.features is not None:
+        method.fit(train.features, train.labels, progress=options.progress)
     metrics = evaluate(method, clip, data, options)  # the threshold below does not enter the metrics
     scores = metrics.pop("scores")
     # The decision threshold comes from ID images the method did not train on where there are any (else the
     # training images themselves, or the ID test set's scores for runs without them; the metadata says which).
-    calibration = method.score(heldout)[0] if heldout is not None else scores["id"]
+    calibration = method.score(train.heldout)[0] if train.heldout is not None else scores["id"]
     method.threshold = calibrate_threshold(calibration, keep=options.keep_id)
-    train_info["threshold_from"] = threshold_from
-    method.info.update(train=train_info)
+    method.info.update(train={"shots": shots, "shots_from": shots_from, "seed": seed, **train.info})
     metrics.update(method=method_name, model=f"{clip.name} ({clip.pretrained})", seed=seed, shots=shots,
                    data=data.description, seconds=round(time.time() - start, 2),
                    versions=versions(), config=dataclasses.asdict(method.config))
@@ -270,7 +298,7 @@ def versions() -> dict[str, str]:
     """Versions of promptkit and the libraries its numbers depend on, for the reports."""
     from promptkit.info import package_version
 
-    return {"promptkit": promptkit.__version__,
+    return {"promptkit": __version__,
             **{name: package_version(name) for name in ("torch", "open_clip_torch", "scikit-learn")}}
 
 
@@ -290,3 +318,15 @@ def save_run(directory: str | os.PathLike[str], metrics: dict[str, Any], scores:
         if method is not None:
             method.save(staging)
         return write_reports(staging, metrics, scores, plots)
+
+
+def save_comparison(directory: str | os.PathLike[str], runs: list[dict[str, Any]], methods: list[str],
+                    seeds: list[int]) -> str:
+    """Write ``compare.json`` (every run's metrics) and ``compare.md`` (mean +- std per method) into
+    ``directory``, both or neither. Returns the Markdown table."""
+    table = compare_table(runs)
+    with atomic_dir(directory) as staging:
+        write_json(staging / "compare.json", {"runs": runs, "methods": methods, "seeds": seeds})
+        with atomic_write(staging / "compare.md") as tmp:
+            tmp.write_text(table + "\n")
+    return table

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from promptkit.data.atomic import atomic_dir, atomic_write
 from promptkit.data.classnames import class_names, class_wnids
 from promptkit.data.errors import DataError
 from promptkit.data.sources import ImageFolderSource, ImageSource
 from promptkit.data.specs import resolve
 from promptkit.errors import ConfigError
+from promptkit.eval.report import write_json
 
 REFERENCE_FILE = Path(__file__).parent / "data" / "reference_results.json"
 OPENOOD_SETS = {"openood-near": {"SSB-hard": "openood/ssb_hard", "NINCO": "openood/ninco"},
@@ -196,3 +198,16 @@ def comparison_table(protocol: Protocol, rows: list[dict[str, Any]], seeds: int)
         lines.append(f"| {r['set']} | {r['paper_fpr95']:.2f} | {r['fpr95']:.2f} | {r['delta_fpr95']:+.2f} | "
                      f"{r['paper_auroc']:.2f} | {r['auroc']:.2f} | {r['delta_auroc']:+.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def save_reproduction(directory: str | Path, protocol: Protocol, runs: list[dict[str, Any]]) -> str:
+    """Write ``reproduce.json`` (the comparison and every run) and ``reproduce.md`` into ``directory``, both or
+    neither. Returns the Markdown table."""
+    rows = comparison(protocol, runs)
+    table = comparison_table(protocol, rows, len(runs))
+    with atomic_dir(directory) as staging:
+        write_json(staging / "reproduce.json", {"protocol": protocol.name, "source": protocol.source,
+                                                "comparison": rows, "runs": runs})
+        with atomic_write(staging / "reproduce.md") as tmp:
+            tmp.write_text(table)
+    return table

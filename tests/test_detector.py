@@ -19,7 +19,7 @@ from promptkit.clip import ImageTower, load_clip
 from promptkit.data import EmbeddedSource
 from promptkit.data.errors import DataError
 from promptkit.methods import load_method
-from promptkit.methods.base import PROMPTS_FILE
+from promptkit.methods.saved import PROMPTS_FILE
 from promptkit.pipeline import RunOptions, embedded_datasets, train_and_evaluate
 
 from .cli_helpers import run_cli
@@ -173,7 +173,7 @@ def test_bad_input_is_one_line_before_any_work(runs: dict[str, Path], images: li
 def test_prompts_that_need_the_text_tower_load_it(root: Path) -> None:
     """LSN with CoCoOp positives: each image has its own prompts, so no head is saved and the detector runs the
     text tower, with the method's own score."""
-    run = _train(root, "lsn", {"positive": "cocoop", "pos_epochs": 1, "neg_epochs": 1}, shots=2)
+    run = _train(root, "lsn", {"positive_learner": "cocoop", "pos_epochs": 1, "neg_epochs": 1}, shots=2)
     with safe_open(str(run / PROMPTS_FILE), framework="pt") as handle:
         assert not any(key.startswith("head.") for key in handle.keys())
     detector = Detector.load(run, backend=BACKEND)

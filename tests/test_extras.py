@@ -29,3 +29,9 @@ def test_report_lists_extras_and_tower_rules() -> None:
         assert line.split()[1] == ("yes" if installed else "no"), line
         assert enables in line and (installed or f'pip install "promptkit[{extra}]"' in line)
     assert "SigLIP, SigLIP2" in text and "full context" in text and "truncated after the last [EOS]" in text
+
+
+def test_package_version_is_the_one_pyproject_declares() -> None:
+    from promptkit.version import __version__
+
+    assert tomllib.loads(PYPROJECT.read_text())["project"]["version"] == __version__

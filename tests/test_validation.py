@@ -242,6 +242,7 @@ REFUSED = [
     (["train", "--method", "lapt", "--set", "vocabulary=nowhere.txt"], "vocabulary must name an existing file"),
     (["train", "--method", "mcm", "--device", "gpu0"], "--device gpu0: invalid device"),
     (["collect", "--output", "afile"], "--output afile: is a file"),
+    (["collect", "--output", "out", "--set", "train_negatives=0"], "--set train_negatives=0: lapt's train_negatives"),
 ]
 if not torch.cuda.is_available():
     REFUSED += [(["train", "--method", "mcm", "--backend", "cuda"], "--backend cuda: backend 'cuda' is unavailable"),
@@ -262,7 +263,7 @@ def test_bad_flags_are_one_line_before_any_work(no_work, capsys, argv, fragment)
     ["train", "--method", "mcm", "--keep-id", "1.5"],
     ["train", "--method", "mcm", "--keep-id", "0"],
     ["extract", "--images", "embedded:test", "--batch-size", "0"],
-    ["collect", "--output", "out", "--negatives", "0"],
+    ["collect", "--output", "out", "--seed", "-1"],
     ["train", "--method", "mcm", "--backend", "fortran"],
 ])
 def test_bad_flag_values_are_usage_errors(no_work, capsys, argv):

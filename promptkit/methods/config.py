@@ -3,7 +3,7 @@
 ``parse_pairs`` is the one parser of repeatable ``KEY=VALUE`` flags (``--set``, ``--ood``). ``apply_settings``
 turns a method's settings into its config: each value is coerced to the type its dataclass field declares
 (``int``, ``float``, ``bool``, ``str``, ``X | None``, ``Literal[...]``) and checked against its allowed values,
-then the config is built with its presets (``base.resolve_config``) and its own ``__post_init__`` checks. Every
+then the config is built with its presets (``resolve_config``) and its own ``__post_init__`` checks. Every
 refusal is a ``ConfigError`` naming the flag, the key, the value and what is allowed.
 
 Allowed values of a field, first found wins:
@@ -75,6 +75,25 @@ def parse_pairs(pairs: Iterable[str], flag: str, metavar: str = "KEY=VALUE",
     return parsed
 
 
+
+def resolve_config(config_cls: type[T], overrides: Mapping[str, Any] | None = None) -> T:
+    """A method's config: the paper defaults, then the presets that its choice fields select, then ``overrides``.
+
+    A config class may declare ``PRESETS = {field: {value: {other_field: value, ...}}}``: choosing that value (by
+    default or in ``overrides``) sets those fields, e.g. ``compat="official-code"`` sets the released code's
+    learning rates. The user's ``overrides`` are applied last, so an explicit setting always wins.
+    """
+    overrides = dict(overrides or {})
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    values: dict[str, Any] = {}
+    for choice_field, table in getattr(config_cls, "PRESETS", {}).items():
+        choice = overrides.get(choice_field, defaults[choice_field])
+        if choice not in table:
+            raise ConfigError(f"{choice_field} must be one of {', '.join(map(str, table))}, got {choice!r}")
+        values.update(table[choice])
+    values.update(overrides)
+    return config_cls(**values)
+
 def apply_settings(config_cls: type[T], settings: Mapping[str, Any], *, method: str | None = None,
                    flag: str = "--set", prefix: str = "") -> T:
     """The config of ``config_cls`` with ``settings`` applied: strings (from the command line) are parsed to
@@ -83,8 +102,6 @@ def apply_settings(config_cls: type[T], settings: Mapping[str, Any], *, method: 
     ``method`` names the method in messages (default: the class name); ``flag`` and ``prefix`` spell the
     setting as the user typed it (``--set coop.epochs=ten`` for compare: ``prefix="coop."``).
     """
-    from promptkit.methods.base import resolve_config
-
     owner = method or config_cls.__name__
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     hints = typing.get_type_hints(config_cls)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from promptkit.clip import PromptLearner
-from promptkit.distributed import encode_prompts
-from promptkit.methods.base import Method
-from promptkit.methods.mcm import score_and_classify
-from promptkit.methods.training import Stage, fit_positive_prompts
+from promptkit.methods.base import Method, TextFeatures
+from promptkit.methods.shared import PromptFit, Stage, clip_logit_scale, encode, fit_positive_prompts, \
+    mcm_score_and_classify
 
 
 @dataclass
@@ -37,31 +35,21 @@ class CoOp(Method):
 
     def __init__(self, clip, class_names, config=None, backend="auto"):
         super().__init__(clip, class_names, config, backend)
-        torch.manual_seed(self.config.seed)
-        self.prompts = PromptLearner(clip, self.class_names, n_ctx=self.config.n_ctx,
-                                     class_specific=self.config.class_specific, ctx_init=self.config.ctx_init)
+        c = self.config
+        self.prompts = PromptLearner(clip, self.class_names, n_ctx=c.n_ctx, class_specific=c.class_specific,
+                                     ctx_init=c.ctx_init)
 
-    def fit(self, features: Tensor, labels: Tensor, progress: bool = True) -> "CoOp":
+    def _fit(self, features: Tensor, labels: Tensor, progress: bool) -> None:
         c = self.config
         stage = Stage(c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, warmup_epochs=c.warmup_epochs)
-        self.info["loss"] = fit_positive_prompts(self.prompts, self.clip, features, labels, stage, c.seed,
-                                                 self.backend, progress, "coop")
-        return self
+        run = PromptFit(stage, c.seed, self.backend, "coop", progress)
+        self.info["loss"] = fit_positive_prompts(self.prompts, features, labels, clip_logit_scale(self.clip), run)
 
-    @torch.no_grad()
-    def text_features(self) -> Tensor:
-        return encode_prompts(self.prompts)[0]
+    def _encode_text(self, local: bool) -> TextFeatures:
+        return TextFeatures(encode(self.prompts, local)[0])
 
-    def score(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        return score_and_classify(features, self.text_features(), self.config.temperature, self.backend)
+    def _score(self, features: Tensor, text: TextFeatures) -> tuple[Tensor, Tensor]:
+        return mcm_score_and_classify(features, text.id, self.config.temperature, self.backend)
 
     def state(self) -> dict[str, Tensor]:
         return {"ctx": self.prompts.ctx}
-
-    def load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.prompts.ctx.data.copy_(tensors["ctx"])
-
-    @torch.no_grad()
-    def head_text(self) -> Tensor:
-        """text_features() on this rank alone: ``save`` runs on rank 0 only, encode_prompts would wait for the rest."""
-        return self.prompts()[0]

@@ -2,7 +2,7 @@
 
 1. NegMine picks M negative labels (LAPT's proportional noun/adjective split): M = 1000 to train, 10,000 to
    test (the shared negative context transfers to any label list).
-2. The pipeline collects images for the C ID and M negative labels (``promptkit.collect``) and calls
+2. The pipeline collects images for the C ID and M negative labels (``label_images``, ``promptkit.collect``) and calls
    ``fit(features, labels)`` with labels in [0, C + M).
 3. Distribution-aware prompts: one shared n_ctx-token context for the ID labels, one for the negative labels,
    "[ctx] <label>.". Loss: soft cross-entropy over the C + M labels at CLIP's logit scale, on
@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -31,8 +30,8 @@ from torch import Tensor
 from promptkit import ops
 from promptkit.clip import PromptLearner
 from promptkit.distributed import encode_prompts
-from promptkit.methods.base import Method
-from promptkit.methods.training import Stage, clip_logit_scale, train_loop
+from promptkit.methods.base import LabelImages, Method, TextFeatures, TrainingData
+from promptkit.methods.shared import NegativeLabelScore, Stage, clip_logit_scale, train_loop
 from promptkit.negmine import (
     MINING_TEMPLATES,
     PERCENTILE_RULES,
@@ -41,7 +40,6 @@ from promptkit.negmine import (
     mine_negative_labels,
     negative_labels_from_json,
 )
-from promptkit.methods.neglabel import grouped_neglabel_score
 from promptkit.ops.reference import GROUP_ORDERS
 
 # TIP-Adapter's templates: the frozen label features that cross-modal mixing draws from.
@@ -127,26 +125,24 @@ def cross_distribution_targets(targets: Tensor, partner: Tensor, lam: float, bet
     return share * ood + (1 - share) * (lam * targets + (1 - lam) * targets[partner])
 
 
-class LAPT(Method):
+class LAPT(NegativeLabelScore, Method):
     """Distribution-aware prompts learned on collected images of ID and mined negative labels."""
 
     name = "lapt"
     Config = LAPTConfig
-    collects_training_images = True  # the pipeline collects images for training_labels() instead of --train
+    training_data = TrainingData.LABEL_IMAGES
 
     def __init__(self, clip, class_names, config=None, backend="auto"):
         super().__init__(clip, class_names, config, backend)
-        torch.manual_seed(self.config.seed)
         self.id_prompts = PromptLearner(clip, self.class_names, n_ctx=self.config.n_ctx)
-        # the negative learner starts on a placeholder word; mine() gives it the training negatives
+        # the negative learner starts on a placeholder word; negative_labels() gives it the training negatives
         self.neg_prompts = PromptLearner(clip, ["none"], n_ctx=self.config.n_ctx)
-        self._test_text: Tensor | None = None
 
     # -- negative labels ----------------------------------------------------------------------------
 
-    def mine(self, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
-             ) -> tuple[NegativeLabels, NegativeLabels]:
-        """Training (M=train_negatives) and test (M=test_negatives) negative labels: saved ones when reloaded."""
+    def prepare(self, cache_dir: str | None = None, progress: bool = True) -> None:
+        """Mine the training (M=train_negatives) and test (M=test_negatives) negative labels (word embeddings
+        cached under ``cache_dir``) unless ``info`` has them."""
         c = self.config
         if "negative_labels" not in self.info:
             vocabulary = load_vocabulary(c.vocabulary)
@@ -155,15 +151,20 @@ class LAPT(Method):
                                                  c.percentile_rule)
                      for split, count in (("train", c.train_negatives), ("test", c.test_negatives))}
             self.info["negative_labels"] = {split: labels.to_json() for split, labels in mined.items()}
+
+    def negative_labels(self) -> tuple[NegativeLabels, NegativeLabels]:
+        """The training and test negative labels (the saved ones when reloaded)."""
+        self.prepare(progress=False)
         saved = self.info["negative_labels"]
         train, test = negative_labels_from_json(saved["train"]), negative_labels_from_json(saved["test"])
         if self.neg_prompts.class_names != list(train.words):
             self.neg_prompts.set_class_names(list(train.words))
         return train, test
 
-    def training_labels(self) -> list[str]:
+    def label_images(self) -> LabelImages:
         """The C + M label texts that training images are collected for; label i of ``fit`` is text i."""
-        return self.class_names + list(self.mine()[0].words)
+        train = self.negative_labels()[0]
+        return LabelImages(self.class_names + list(train.words), self.config.images_per_label, train)
 
     # -- training -----------------------------------------------------------------------------------
 
@@ -174,9 +175,10 @@ class LAPT(Method):
         features = self.clip.encode_texts(texts).float()
         return F.normalize(features, dim=-1).reshape(len(labels), len(MIX_TEMPLATES), -1)
 
-    def fit(self, features: Tensor, labels: Tensor, progress: bool = True) -> "LAPT":
+    def _fit(self, features: Tensor, labels: Tensor, progress: bool) -> None:
         c = self.config
-        train, _ = self.mine(progress=progress)
+        self.prepare(progress=progress)
+        train, _ = self.negative_labels()
         num_id, num_labels = len(self.class_names), len(self.class_names) + len(train)
         if len(labels) == 0 or int(labels.min()) < 0 or int(labels.max()) >= num_labels:
             raise ValueError(f"lapt: training labels must lie in [0, C+M={num_labels}) (ID classes, then the "
@@ -220,36 +222,19 @@ class LAPT(Method):
                                        "lapt", progress, scheduler, stage.step_scheduler)
         self.info.update(counts, train_images={"id": int((labels < num_id).sum()),
                                                "negative": int((labels >= num_id).sum())})
-        self._test_text = None
-        return self
 
-    # -- scoring ------------------------------------------------------------------------------------
+    # -- scoring ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def text_features(self) -> tuple[Tensor, Tensor]:
-        """Learned ID prompt features [C, E] and test negative prompt features [M_test, E] (computed once)."""
-        if self._test_text is None:
-            train, test = self.mine()
-            try:
-                self.neg_prompts.set_class_names(list(test.words))
-                chunks = [self.neg_prompts(classes=part)[0] for part in torch.arange(len(test)).split(1024)]
-            finally:
-                self.neg_prompts.set_class_names(list(train.words))
-            self._test_text = torch.cat(chunks)
-        return self.id_prompts()[0], self._test_text
-
-    def score(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        id_text, neg_text = self.text_features()
-        c = self.config
-        return grouped_neglabel_score(features, id_text, neg_text, c.temperature, c.groups, c.group_seed,
-                                      self.backend, c.group_order)
+    def _encode_text(self, local: bool) -> TextFeatures:
+        """Learned ID prompt features [C, E] and test negative-label prompt features [M_test, E]. Encoded in this
+        process (the 10,000 test labels in chunks of 1,024)."""
+        train, test = self.negative_labels()
+        try:
+            self.neg_prompts.set_class_names(list(test.words))
+            chunks = [self.neg_prompts(classes=part)[0] for part in torch.arange(len(test)).split(1024)]
+        finally:
+            self.neg_prompts.set_class_names(list(train.words))
+        return TextFeatures(self.id_prompts()[0], label_negatives=torch.cat(chunks))
 
     def state(self) -> dict[str, Tensor]:
         return {"id_ctx": self.id_prompts.ctx, "negative_ctx": self.neg_prompts.ctx}
-
-    def load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.id_prompts.ctx.data.copy_(tensors["id_ctx"])
-        self.neg_prompts.ctx.data.copy_(tensors["negative_ctx"])
-        self._test_text = None
-
-    head_names = ("id", "negative")

@@ -10,7 +10,7 @@ Shots: the paper says negative prompts "benefit from a large number of training 
 large number" (Appendix D, J) without the count; the released code trains on 128 images per class
 (``train_data_128`` in ``main_feature_100_upload.py``), so ``LSN.default_shots`` is 128.
 
-``positive="cocoop"`` learns the positive prompt the CoCoOp way (a 4-token context shifted per image by a
+``positive_learner="cocoop"`` learns the positive prompt the CoCoOp way (a 4-token context shifted per image by a
 meta-net), LSN's "CoCoOp+LSN" variant; its MCM term is then computed per image. It also selects Appendix D.0.2's
 CoCoOp schedule for both stages: 10 epochs at batch 1 (positive and negatives), 4 context tokens.
 
@@ -19,7 +19,7 @@ with the cross-entropy taken of softmax(100 cos) (a double softmax), negative Ad
 softmax on 20 (1 - cos), the orthogonality term of the code (``ortho="code"``: for the set being trained, the
 mean over classes of (cos to set j + cos to set l) / 2 with the signed cosine, weight 1; in the paper's Eq. 7
 units that is 2C times weaker than lambda = 1 on sum |cos|) and the test score MCM + mean_k max_c
-softmax((1 - cos) / 5). Presets are applied before the user's ``--set`` values, which always win.
+softmax((1 - cos) / 5) (``score_rule="official"``). Presets are applied before the user's ``--set`` values, which always win.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from promptkit import ops
 from promptkit.clip import ConditionalPromptLearner, PromptLearner
 from promptkit.distributed import encode_prompts
-from promptkit.methods.base import Method
-from promptkit.methods.training import Stage, clip_logit_scale, cosine_lr, fit_positive_prompts, train_loop
-from promptkit.methods.mcm import score_and_classify
+from promptkit.methods.base import Method, TextFeatures
+from promptkit.methods.shared import PromptFit, Stage, clip_logit_scale, cosine_lr, encode, fit_by_cross_entropy, \
+    fit_positive_prompts, mcm_score_and_classify, train_loop
 
 COMPAT = ("paper", "official-code")
 ORTHO_FORMS = ("paper", "code")
@@ -48,7 +48,7 @@ class LSNConfig:
     compat: str = "paper"
     # stage 1: positive prompt. "coop": shared context; "cocoop": 4 tokens from "a photo of a" shifted per image
     # by a meta-net (with CoCoOp's schedule, see PRESETS)
-    positive: str = "coop"
+    positive_learner: str = "coop"
     n_ctx: int = 16
     pos_epochs: int = 50
     pos_batch_size: int = 8
@@ -71,7 +71,7 @@ class LSNConfig:
     temperature: float = 1.0
     neg_temperature: float = 5.0
     # "paper": MCM - MinCM; "official": MCM + mean_k max softmax((1 - cos) / neg_T)
-    score: str = field(default="paper", metadata={"choices": ("paper", "official")})
+    score_rule: str = field(default="paper", metadata={"choices": ("paper", "official")})
     cache_frozen_text: bool = True  # encode the other sets once per set switch (False: every step)
     seed: int = 1
 
@@ -79,17 +79,17 @@ class LSNConfig:
         "compat": {
             "paper": {},
             "official-code": dict(pos_lr=1e-3, pos_double_softmax=True, neg_lr=2e-3, double_softmax=True,
-                                  ortho="code", ortho_weight=1.0, score="official"),
+                                  ortho="code", ortho_weight=1.0, score_rule="official"),
         },
-        "positive": {
+        "positive_learner": {
             "coop": {},
             "cocoop": dict(n_ctx=4, pos_epochs=10, pos_batch_size=1, neg_epochs=10, neg_batch_size=1),
         },
     }
 
     def __post_init__(self) -> None:
-        for name, allowed in (("compat", COMPAT), ("positive", ("coop", "cocoop")), ("ortho", ORTHO_FORMS),
-                              ("score", ("paper", "official"))):
+        for name, allowed in (("compat", COMPAT), ("positive_learner", ("coop", "cocoop")), ("ortho", ORTHO_FORMS),
+                              ("score_rule", ("paper", "official"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"lsn: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
@@ -100,48 +100,41 @@ class LSN(Method):
     name = "lsn"
     Config = LSNConfig
     default_shots = 128  # the released code's; the paper asks for "a relatively large number" (Appendix J)
+    text_kinds = ("id", "class_negatives")
+    conditional = None  # what a scorer rebuilt from a saved head (Method.from_head) sees: no CoCoOp prompts
 
     def __init__(self, clip, class_names, config=None, backend="auto"):
         super().__init__(clip, class_names, config, backend)
         c = self.config
-        torch.manual_seed(c.seed)
-        self.conditional = ConditionalPromptLearner(clip, self.class_names, c.n_ctx) if c.positive == "cocoop" \
-            else None
-        self.positive = self.conditional.prompts if self.conditional else PromptLearner(clip, self.class_names,
-                                                                                        n_ctx=c.n_ctx)
-        self.negative = PromptLearner(clip, self.class_names, n_ctx=c.n_neg_ctx, n_sets=c.n_sets,
-                                      class_specific=True)
-
-    def fit(self, features: Tensor, labels: Tensor, progress: bool = True) -> "LSN":
-        c = self.config
-        if self.conditional is not None:
-            self.info["positive_loss"] = self._fit_conditional(features, labels, progress)
+        if c.positive_learner == "cocoop":
+            self.conditional = ConditionalPromptLearner(clip, self.class_names, c.n_ctx)
+            self.positive_prompts = self.conditional.prompts
         else:
-            stage = Stage(c.pos_epochs, c.pos_batch_size, c.pos_lr, c.momentum, c.weight_decay)
-            self.info["positive_loss"] = fit_positive_prompts(self.positive, self.clip, features, labels, stage,
-                                                              c.seed, self.backend, progress, "lsn positive",
-                                                              double_softmax=c.pos_double_softmax)
-        self.info["negative_loss"] = self._fit_negatives(features, labels, progress)
-        return self
+            self.positive_prompts = PromptLearner(clip, self.class_names, n_ctx=c.n_ctx)
+        self.negative_prompts = PromptLearner(clip, self.class_names, n_ctx=c.n_neg_ctx, n_sets=c.n_sets,
+                                              class_specific=True)
 
-    def _fit_conditional(self, features: Tensor, labels: Tensor, progress: bool) -> list[float]:
-        """CoCoOp: cross-entropy of logit_scale * cos(image, its own prompts), context and meta-net learned."""
+    @property
+    def scores_from_text_features(self) -> bool:
+        """False with the CoCoOp positive, whose prompts depend on each image: its score needs the text tower."""
+        return self.conditional is None
+
+    def _fit(self, features: Tensor, labels: Tensor, progress: bool) -> None:
         c = self.config
-        parameters = list(self.conditional.parameters())
         stage = Stage(c.pos_epochs, c.pos_batch_size, c.pos_lr, c.momentum, c.weight_decay)
-        optimizer = stage.sgd(parameters)
-        scheduler = stage.scheduler(optimizer, len(features))
-        scale = clip_logit_scale(self.clip)
-
-        def loss_fn(index: Tensor) -> Tensor:
-            image = features[index]
-            logits = scale * _per_image_cosines(image, self.conditional(image))
-            if c.pos_double_softmax:
-                logits = torch.softmax(logits, dim=-1)
-            return F.cross_entropy(logits, labels[index])
-
-        return train_loop(loss_fn, parameters, optimizer, len(features), c.pos_epochs, c.pos_batch_size, c.seed,
-                          "lsn positive (cocoop)", progress, scheduler, stage.step_scheduler)
+        if self.conditional is not None:
+            # CoCoOp: cross-entropy of logit_scale * cos(image, its own prompts), context and meta-net learned
+            scale = clip_logit_scale(self.clip)
+            run = PromptFit(stage, c.seed, self.backend, "lsn positive (cocoop)", progress)
+            self.info["positive_loss"] = fit_by_cross_entropy(
+                list(self.conditional.parameters()),
+                lambda index: scale * _per_image_cosines(features[index], self.conditional(features[index])),
+                labels, run, c.pos_double_softmax)
+        else:
+            run = PromptFit(stage, c.seed, self.backend, "lsn positive", progress)
+            self.info["positive_loss"] = fit_positive_prompts(self.positive_prompts, features, labels,
+                                                              clip_logit_scale(self.clip), run, c.pos_double_softmax)
+        self.info["negative_loss"] = self._fit_negatives(features, labels, progress)
 
     def _negative_loss(self, image: Tensor, neg_text: Tensor, labels: Tensor) -> Tensor:
         c = self.config
@@ -152,20 +145,21 @@ class LSN(Method):
 
     def _fit_negatives(self, features: Tensor, labels: Tensor, progress: bool) -> list[list[float]]:
         c = self.config
-        ctx = self.negative.ctx  # [K, C, n_ctx, W]
+        negative = self.negative_prompts
+        ctx = negative.ctx  # [K, C, n_ctx, W]
         optimizers = [torch.optim.Adam([ctx], lr=c.neg_lr) for _ in range(c.n_sets)]
         schedulers = [cosine_lr(opt, c.neg_epochs) for opt in optimizers]
         history: list[list[float]] = [[] for _ in range(c.n_sets)]
         for epoch in tqdm(range(c.neg_epochs), desc="lsn negatives", disable=not progress, leave=False):
             for k in range(c.n_sets):
                 with torch.no_grad():  # the other sets' features, fixed while set k trains
-                    frozen = encode_prompts(self.negative).detach()  # [K, C, E]
+                    frozen = encode_prompts(negative).detach()  # [K, C, E]
 
                 def loss_fn(index: Tensor, k: int = k, frozen: Tensor = frozen) -> Tensor:
                     if not c.cache_frozen_text:
                         with torch.no_grad():
-                            frozen = encode_prompts(self.negative)
-                    current = encode_prompts(self.negative, sets=[k])[0]  # [C, E]
+                            frozen = encode_prompts(negative)
+                    current = encode_prompts(negative, sets=[k])[0]  # [C, E]
                     loss = self._negative_loss(features[index], current, labels[index])
                     if c.ortho == "code":
                         ortho = code_orthogonality(current, torch.cat([frozen[:k], frozen[k + 1:]]))
@@ -181,25 +175,27 @@ class LSN(Method):
                 schedulers[k].step()
         return history
 
-    @torch.no_grad()
-    def text_features(self) -> tuple[Tensor, Tensor]:
-        """Positive [C, E] and negative [C, K, E] raw text features."""
-        return encode_prompts(self.positive)[0], encode_prompts(self.negative).transpose(0, 1)
+    def _encode_text(self, local: bool) -> TextFeatures:
+        """Positive [C, E] (with CoCoOp: without the per-image shift) and negative [C, K, E] prompts."""
+        return TextFeatures(encode(self.positive_prompts, local)[0],
+                            class_negatives=encode(self.negative_prompts, local).transpose(0, 1))
 
-    @torch.no_grad()
-    def score(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.config
-        pos, neg = (t.to(features) for t in self.text_features())
+    def _score(self, features: Tensor, text: TextFeatures) -> tuple[Tensor, Tensor]:
         if self.conditional is not None:
-            return self._conditional_score(features, neg)
-        mcm, predicted = score_and_classify(features, pos, c.temperature, self.backend)
-        if c.score == "official":
-            # max_c softmax(-cos / neg_T) is the MCM of the negated negative prompts at neg_T.
-            extra = torch.stack([ops.mcm_score(features, -neg[:, k], c.neg_temperature, backend=self.backend)
-                                 for k in range(neg.shape[1])]).mean(dim=0)
-            return mcm + extra, predicted
-        score = ops.lsn_score(features, pos, neg, c.temperature, c.neg_temperature, backend=self.backend)
-        return score, predicted
+            return self._conditional_score(features, text.class_negatives)
+        c = self.config
+        if c.score_rule == "official":
+            mcm, predicted = mcm_score_and_classify(features, text.id, c.temperature, self.backend)
+            return mcm + self._official_negative_term(features, text.class_negatives), predicted
+        score = ops.lsn_score(features, text.id, text.class_negatives, c.temperature, c.neg_temperature,
+                              backend=self.backend)
+        return score, ops.cosine_logits(features, text.id, backend=self.backend).argmax(dim=-1)
+
+    def _official_negative_term(self, features: Tensor, neg: Tensor) -> Tensor:
+        """The released score's negative term: mean_k max_c softmax(-cos / neg_T), which is the MCM of the negated
+        negative prompts at neg_T. features [B, E], neg [C, K, E] -> [B]."""
+        return torch.stack([ops.mcm_score(features, -neg[:, k], self.config.neg_temperature, backend=self.backend)
+                            for k in range(neg.shape[1])]).mean(dim=0)
 
     def _conditional_score(self, features: Tensor, neg: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
         """The LSN score with CoCoOp positives: each image has its own C prompts, so MCM is computed per image.
@@ -211,10 +207,8 @@ class LSN(Method):
         for part in features.split(chunk):
             cos = _per_image_cosines(part, self.conditional(part).to(part))  # [b, C]
             mcm = torch.softmax(cos / c.temperature, dim=-1).amax(dim=-1)
-            if c.score == "official":
-                extra = torch.stack([ops.mcm_score(part, -neg[:, k], c.neg_temperature, backend=self.backend)
-                                     for k in range(neg.shape[1])]).mean(dim=0)
-                scores.append(mcm + extra)
+            if c.score_rule == "official":
+                scores.append(mcm + self._official_negative_term(part, neg))
             else:
                 min_cm = torch.stack([
                     torch.softmax(ops.cosine_logits(part, neg[:, k], backend=self.backend) / c.neg_temperature,
@@ -224,28 +218,10 @@ class LSN(Method):
         return torch.cat(scores), torch.cat(predicted)
 
     def state(self) -> dict[str, Tensor]:
-        state = {"positive_ctx": self.positive.ctx, "negative_ctx": self.negative.ctx}
+        state = {"positive_ctx": self.positive_prompts.ctx, "negative_ctx": self.negative_prompts.ctx}
         if self.conditional is not None:
             state.update({f"meta_net.{k}": v for k, v in self.conditional.meta_net.state_dict().items()})
         return state
-
-    def load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.positive.ctx.data.copy_(tensors["positive_ctx"])
-        self.negative.ctx.data.copy_(tensors["negative_ctx"])
-        if self.conditional is not None:
-            self.conditional.meta_net.load_state_dict(
-                {k.removeprefix("meta_net."): v for k, v in tensors.items() if k.startswith("meta_net.")})
-
-    head_names = ("positive", "negative")
-    conditional = None  # what a scorer rebuilt from a saved head (Method.from_head) sees: no CoCoOp prompts
-
-    @torch.no_grad()
-    def head_text(self) -> tuple[Tensor, Tensor] | None:
-        """text_features() on this rank alone (``save`` runs on rank 0 only); None with the CoCoOp positive, whose
-        prompts depend on each image: its score needs the text tower."""
-        if self.conditional is not None:
-            return None
-        return self.positive()[0], self.negative().transpose(0, 1)
 
 
 def code_orthogonality(current: Tensor, others: Tensor) -> Tensor:

@@ -8,15 +8,12 @@ reload scores without mining again.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor
+import torch.nn.functional as F
 
-from promptkit import ops
-from promptkit.methods.base import Method
-from promptkit.ops.reference import GROUP_ORDERS
+from promptkit.methods.base import Method, TextFeatures, TrainingData
+from promptkit.methods.shared import NegativeLabelScore
 from promptkit.negmine import (
     ID_TEMPLATE,
     NegativeLabels,
@@ -25,6 +22,7 @@ from promptkit.negmine import (
     mine_negative_labels,
     negative_labels_from_json,
 )
+from promptkit.ops.reference import GROUP_ORDERS
 
 
 @dataclass
@@ -40,47 +38,29 @@ class NegLabelConfig:
     group_order: str = field(default="drop-then-permute", metadata={"choices": GROUP_ORDERS})
 
 
-def grouped_neglabel_score(features: Tensor, id_text: Tensor, neg_text: Tensor, temperature: float, groups: int,
-                           seed: int, backend: str, group_order: str = "drop-then-permute") -> tuple[Tensor, Tensor]:
-    """NegLabel score [N] and the nearest ID class [N] of image features [N, E]; id_text [C, E], neg_text [M, E]."""
-    id_text, neg_text = id_text.to(features), neg_text.to(features)
-    groups = max(1, min(groups, neg_text.shape[0]))
-    score = ops.neglabel_score(features, id_text, neg_text, temperature, groups, seed, backend=backend,
-                               group_order=group_order)
-    return score, ops.cosine_logits(features, id_text, backend=backend).argmax(dim=-1)
-
-
-class NegLabel(Method):
+class NegLabel(NegativeLabelScore, Method):
     """Zero-shot: ID prompts "the nice {}" against mined negative-label prompts."""
 
     name = "neglabel"
     Config = NegLabelConfig
-    trainable = False
+    training_data = TrainingData.NONE
 
-    def mine(self, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> NegativeLabels:
-        """The negative labels: from the saved metadata when reloaded, else mined (word embeddings cached)."""
+    def prepare(self, cache_dir: str | None = None, progress: bool = True) -> None:
+        """Mine the negative labels (word embeddings cached under ``cache_dir``) unless ``info`` has them."""
         if "negative_labels" not in self.info:
             c = self.config
             count, share = (c.num_negatives, None) if c.num_negatives is not None else (None, c.share)
             labels = mine_negative_labels(self.clip, self.class_names, load_vocabulary(c.vocabulary), count, share,
                                           c.percentile, cache_dir, progress)
             self.info["negative_labels"] = labels.to_json()
+
+    def negative_labels(self) -> NegativeLabels:
+        """The mined negative labels (the saved ones when reloaded)."""
+        self.prepare(progress=False)
         return negative_labels_from_json(self.info["negative_labels"])
 
-    @torch.no_grad()
-    def text_features(self) -> tuple[Tensor, Tensor]:
-        """ID [C, E] and negative [M, E] label features (L2-normalised, computed once)."""
-        if not hasattr(self, "_text"):
-            negatives = self.mine()
-            id_text = embed_words(self.clip, self.class_names, ID_TEMPLATE, use_cache=False, progress=False)
-            neg_text = self.clip.encode_texts(negatives.prompts())
-            self._text = id_text, neg_text / neg_text.norm(dim=-1, keepdim=True)
-        return self._text
-
-    def score(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        id_text, neg_text = self.text_features()
-        c = self.config
-        return grouped_neglabel_score(features, id_text, neg_text, c.temperature, c.groups, c.group_seed,
-                                      self.backend, c.group_order)
-
-    head_names = ("id", "negative")
+    def _encode_text(self, local: bool) -> TextFeatures:
+        """ID [C, E] and negative-label [M, E] prompt features, L2-normalised."""
+        id_text = embed_words(self.clip, self.class_names, ID_TEMPLATE, use_cache=False, progress=False)
+        neg_text = self.clip.encode_texts(self.negative_labels().prompts())
+        return TextFeatures(id_text, label_negatives=F.normalize(neg_text, dim=-1))

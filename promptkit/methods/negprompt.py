@@ -42,8 +42,9 @@ from torch import Tensor
 from promptkit import ops
 from promptkit.clip import PromptLearner
 from promptkit.distributed import encode_prompts
-from promptkit.methods.base import Method
-from promptkit.methods.training import LR_SCHEDULES, Stage, clip_logit_scale, fit_positive_prompts, train_loop
+from promptkit.methods.base import Method, TextFeatures
+from promptkit.methods.shared import LR_SCHEDULES, PromptFit, Stage, clip_logit_scale, encode, \
+    fit_positive_prompts, train_loop
 
 COMPAT = ("paper", "official-code")
 NIS_FORMS = ("msp", "oe", "eq4")
@@ -122,81 +123,71 @@ class NegPrompt(Method):
 
     name = "negprompt"
     Config = NegPromptConfig
+    text_kinds = ("id", "class_negatives")
 
     def __init__(self, clip, class_names, config=None, backend="auto"):
         super().__init__(clip, class_names, config, backend)
         c = self.config
-        torch.manual_seed(c.seed)
-        self.positive = PromptLearner(clip, self.class_names, ctx_init=c.ctx_init, suffix=c.prompt_suffix)
-        self.negative = PromptLearner(clip, self.class_names, n_ctx=self.positive.n_ctx, n_sets=c.n_neg,
-                                      suffix=c.prompt_suffix)
+        self.positive_prompts = PromptLearner(clip, self.class_names, ctx_init=c.ctx_init, suffix=c.prompt_suffix)
+        self.negative_prompts = PromptLearner(clip, self.class_names, n_ctx=self.positive_prompts.n_ctx,
+                                              n_sets=c.n_neg, suffix=c.prompt_suffix)
 
-    def fit(self, features: Tensor, labels: Tensor, progress: bool = True) -> "NegPrompt":
+    def _fit(self, features: Tensor, labels: Tensor, progress: bool) -> None:
         c = self.config
         known = train_class_count(c.train_classes, len(self.class_names))
+        learners = (self.positive_prompts, self.negative_prompts)
         if known < len(self.class_names):
             keep = labels < known
             features, labels = features[keep], labels[keep]
-            for prompts in (self.positive, self.negative):
+            for prompts in learners:
                 prompts.set_class_names(self.class_names[:known])
         self.info["train_classes"] = known
         try:
             stage = Stage(c.pos_epochs, c.pos_batch_size, c.pos_lr, c.momentum, c.weight_decay,
                           lr_schedule=c.lr_schedule)
-            self.info["positive_loss"] = fit_positive_prompts(self.positive, self.clip, features, labels, stage,
-                                                              c.seed, self.backend, progress, "negprompt positive")
+            run = PromptFit(stage, c.seed, self.backend, "negprompt positive", progress)
+            self.info["positive_loss"] = fit_positive_prompts(self.positive_prompts, features, labels,
+                                                              clip_logit_scale(self.clip), run)
             self.info["negative_loss"] = self._fit_negatives(features, labels, progress)
         finally:
-            for prompts in (self.positive, self.negative):
+            for prompts in learners:
                 prompts.set_class_names(self.class_names)
-        return self
 
     def _fit_negatives(self, features: Tensor, labels: Tensor, progress: bool) -> list[float]:
         c = self.config
+        negative = self.negative_prompts
         with torch.no_grad():
-            start = self.positive.ctx.expand_as(self.negative.ctx)
+            start = self.positive_prompts.ctx.expand_as(negative.ctx)
             noise = torch.empty_like(start).uniform_(-c.init_noise, c.init_noise)
-            self.negative.ctx.copy_(start + noise)
+            negative.ctx.copy_(start + noise)
             positive = self._frozen_positive()  # frozen in stage 2: encoded once
         stage = Stage(c.neg_epochs, c.neg_batch_size, c.neg_lr, c.momentum, lr_schedule=c.lr_schedule)
-        optimizer = stage.sgd([self.negative.ctx])
+        optimizer = stage.sgd([negative.ctx])
         scheduler = stage.scheduler(optimizer, len(features))
         temperature = c.train_temperature if c.train_temperature is not None else 1 / clip_logit_scale(self.clip)
 
         def loss_fn(index: Tensor) -> Tensor:
-            negative = encode_prompts(self.negative).transpose(0, 1)  # [C, p, E]
+            current = encode_prompts(negative).transpose(0, 1)  # [C, p, E]
             frozen = positive if c.cache_frozen_text else self._frozen_positive()
-            return ops.negprompt_loss(features[index], frozen, negative, c.beta, c.gamma, temperature,
+            return ops.negprompt_loss(features[index], frozen, current, c.beta, c.gamma, temperature,
                                       backend=self.backend, nis=c.nis, labels=labels[index], npd=c.npd, nnd=c.nnd)
 
-        return train_loop(loss_fn, [self.negative.ctx], optimizer, len(features), c.neg_epochs, c.neg_batch_size,
+        return train_loop(loss_fn, [negative.ctx], optimizer, len(features), c.neg_epochs, c.neg_batch_size,
                           c.seed + 1, "negprompt negatives", progress, scheduler, stage.step_scheduler)
 
     @torch.no_grad()
     def _frozen_positive(self) -> Tensor:
-        return encode_prompts(self.positive)[0]
+        return encode_prompts(self.positive_prompts)[0]
 
-    @torch.no_grad()
-    def text_features(self) -> tuple[Tensor, Tensor]:
-        """Positive [C, E] and negative [C, p, E] raw text features for every ID class."""
-        return encode_prompts(self.positive)[0], encode_prompts(self.negative).transpose(0, 1)
+    def _encode_text(self, local: bool) -> TextFeatures:
+        """Positive [C, E] and negative [C, p, E] prompts of every ID class."""
+        return TextFeatures(encode(self.positive_prompts, local)[0],
+                            class_negatives=encode(self.negative_prompts, local).transpose(0, 1))
 
-    @torch.no_grad()
-    def score(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        pos, neg = (t.to(features) for t in self.text_features())
-        score = ops.negprompt_score(features, pos, neg, self.config.temperature, backend=self.backend)
-        return score, ops.cosine_logits(features, pos, backend=self.backend).argmax(dim=-1)
+    def _score(self, features: Tensor, text: TextFeatures) -> tuple[Tensor, Tensor]:
+        score = ops.negprompt_score(features, text.id, text.class_negatives, self.config.temperature,
+                                    backend=self.backend)
+        return score, ops.cosine_logits(features, text.id, backend=self.backend).argmax(dim=-1)
 
     def state(self) -> dict[str, Tensor]:
-        return {"positive_ctx": self.positive.ctx, "negative_ctx": self.negative.ctx}
-
-    def load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.positive.ctx.data.copy_(tensors["positive_ctx"])
-        self.negative.ctx.data.copy_(tensors["negative_ctx"])
-
-    head_names = ("positive", "negative")
-
-    @torch.no_grad()
-    def head_text(self) -> tuple[Tensor, Tensor]:
-        """text_features() on this rank alone: ``save`` runs on rank 0 only, encode_prompts would wait for the rest."""
-        return self.positive()[0], self.negative().transpose(0, 1)
+        return {"positive_ctx": self.positive_prompts.ctx, "negative_ctx": self.negative_prompts.ctx}

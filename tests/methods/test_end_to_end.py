@@ -10,7 +10,7 @@ import torch
 from promptkit.clip import load_clip
 from promptkit.data.sources import EmbeddedSource
 from promptkit.methods import load_method
-from promptkit.pipeline import RunOptions, embedded_datasets, features_of, train_and_evaluate
+from promptkit.pipeline import RunOptions, embedded_datasets, extract, train_and_evaluate
 
 from ..cli_helpers import run_cli
 
@@ -19,7 +19,7 @@ QUICK = {
     "mcm": ("mcm", {}),
     "coop": ("coop", {"epochs": 2}),
     "lsn": ("lsn", {"pos_epochs": 1, "neg_epochs": 1}),
-    "lsn-cocoop": ("lsn", {"positive": "cocoop", "pos_epochs": 1, "neg_epochs": 1}),
+    "lsn-cocoop": ("lsn", {"positive_learner": "cocoop", "pos_epochs": 1, "neg_epochs": 1}),
     "negprompt": ("negprompt", {"pos_epochs": 1, "neg_epochs": 2}),
     "negprompt-official": ("negprompt", {"compat": "official-code", "pos_epochs": 1, "neg_epochs": 2}),
     "lsn-official": ("lsn", {"compat": "official-code", "pos_epochs": 1, "neg_epochs": 1}),
@@ -46,7 +46,7 @@ def test_train_save_reload_same_scores(case, cache, tmp_path, monkeypatch):
     run.method.save(tmp_path / "prompts")
 
     # Same process: load the saved prompts and score again.
-    features, _ = features_of(clip, EmbeddedSource("test"), options)
+    features = extract(clip, EmbeddedSource("test"), options).features
     expected, expected_class = run.method.score(features)
     reloaded = load_method(tmp_path / "prompts", clip)
     torch.testing.assert_close(reloaded.score(features)[0], expected)

@@ -10,25 +10,25 @@ import torch
 import torch.nn.functional as F
 
 from promptkit.errors import ConfigError
-from promptkit.methods.base import resolve_config
+from promptkit.methods.config import resolve_config
 from promptkit.methods.lapt import LAPTConfig
 from promptkit.methods.lsn import LSN, LSNConfig, code_orthogonality
 from promptkit.negmine import MINING_TEMPLATES, word_distances
 from promptkit.methods.negprompt import NegPromptConfig
-from promptkit.methods.training import Stage
+from promptkit.methods.shared import Stage
 from promptkit.ops import reference
 
 
 def test_presets_apply_before_explicit_settings():
     official = resolve_config(LSNConfig, {"compat": "official-code"})
     assert (official.pos_lr, official.neg_lr, official.ortho, official.ortho_weight) == (1e-3, 2e-3, "code", 1.0)
-    assert official.pos_double_softmax and official.double_softmax and official.score == "official"
+    assert official.pos_double_softmax and official.double_softmax and official.score_rule == "official"
     assert resolve_config(LSNConfig, {"compat": "official-code", "neg_lr": 0.5}).neg_lr == 0.5
     # CoCoOp's schedule for both stages (Appendix D.0.2), and a user value equal to a CoOp default is kept.
-    cocoop = resolve_config(LSNConfig, {"positive": "cocoop"})
+    cocoop = resolve_config(LSNConfig, {"positive_learner": "cocoop"})
     assert (cocoop.n_ctx, cocoop.pos_epochs, cocoop.pos_batch_size, cocoop.neg_epochs, cocoop.neg_batch_size) == \
         (4, 10, 1, 10, 1)
-    assert resolve_config(LSNConfig, {"positive": "cocoop", "pos_epochs": 50}).pos_epochs == 50
+    assert resolve_config(LSNConfig, {"positive_learner": "cocoop", "pos_epochs": 50}).pos_epochs == 50
     assert resolve_config(LSNConfig) == LSNConfig()
 
 

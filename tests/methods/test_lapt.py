@@ -14,7 +14,7 @@ from promptkit.data.sources import EmbeddedSource
 from promptkit.methods import load_method
 from promptkit.methods.lapt import LAPT, LAPTConfig, cross_distribution_partners, cross_distribution_targets
 from promptkit.ops import reference
-from promptkit.pipeline import RunOptions, embedded_datasets, features_of, train_and_evaluate
+from promptkit.pipeline import RunOptions, embedded_datasets, extract, train_and_evaluate
 
 from ..cli_helpers import run_cli
 
@@ -76,10 +76,10 @@ def test_train_score_save_reload(cache, vocabulary, tmp_path, monkeypatch):
     run = train_and_evaluate("lapt", clip, embedded_datasets(), shots=16, seed=2,
                              overrides={**QUICK, "vocabulary": vocabulary}, options=options)
     method = run.method
-    train, test = method.mine()
+    train, test = method.negative_labels()
     assert len(train) == 6 and len(test) == 10 and "t-shirt" not in test.words
     assert set(train.words) <= set(test.words)  # the same ranking, a shorter list
-    assert method.training_labels()[:6] == method.class_names
+    assert method.label_images().labels[:6] == method.class_names
     collected = method.info["train"]
     assert collected["labels_with_images"]["id"] == 6 and collected["collected_images"] <= 4 * 12
     assert method.info["cross_distribution_batches"] > 0
@@ -89,9 +89,10 @@ def test_train_score_save_reload(cache, vocabulary, tmp_path, monkeypatch):
         assert tensor.shape == (1, 1, 4, 64) and not torch.equal(tensor, untrained[name]), name
 
     # the score is the grouped NegLabel score on the learned ID prompts and the 10 test negatives
-    features, _ = features_of(clip, EmbeddedSource("test"), options)
+    features = extract(clip, EmbeddedSource("test"), options).features
     scores, predicted = method.score(features)
-    id_text, neg_text = method.text_features()
+    text = method.text_features()
+    id_text, neg_text = text.id, text.label_negatives
     assert neg_text.shape == (10, 64)
     torch.testing.assert_close(scores, reference.neglabel_score(features, id_text, neg_text, 0.01, 3, 0))
 
@@ -121,12 +122,12 @@ def test_mixing_can_be_switched_off_and_m_is_capped(cache, vocabulary, monkeypat
         run = train_and_evaluate("lapt", clip, embedded_datasets(), shots=16, seed=1, overrides=overrides,
                                  options=RunOptions(progress=False))
     assert run.method.info["cross_distribution_batches"] == 0
-    assert len(run.method.mine()[1]) == 14  # 15 words minus the ID name t-shirt
+    assert len(run.method.negative_labels()[1]) == 14  # 15 words minus the ID name t-shirt
 
 
 def test_fit_rejects_labels_outside_c_plus_m(vocabulary):
     clip = load_clip()
     method = LAPT(clip, ["dress", "coat"], LAPTConfig(train_negatives=3, test_negatives=3, vocabulary=vocabulary))
-    method.mine(progress=False)
+    method.prepare(progress=False)
     with pytest.raises(ValueError, match=r"\[0, C\+M=5\)"):
         method.fit(torch.randn(2, 64), torch.tensor([0, 5]), progress=False)

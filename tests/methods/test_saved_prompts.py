@@ -15,7 +15,8 @@ from promptkit.clip import load_clip
 from promptkit.data import EmbeddedSource
 from promptkit.data.integrity import save_tensors
 from promptkit.methods import MCM, METHODS, CoOp, PromptsError, load_method
-from promptkit.methods.base import META_FILE, PROMPTS_FILE, resolve_config
+from promptkit.methods.config import resolve_config
+from promptkit.methods.saved import META_FILE, PROMPTS_FILE, PROMPTS_FORMAT
 
 from ..integrity_helpers import flip_tensor_byte
 
@@ -79,9 +80,10 @@ def test_metadata_that_is_not_an_object(saved, clip, text: str, found: str) -> N
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (_drop("format"), r"written by an older promptkit \(no format version; this promptkit reads format 2\)"),
+    (_drop("format"), rf"written by an older promptkit \(no format version; this promptkit reads format {PROMPTS_FORMAT}\)"),
+    (_set("format", PROMPTS_FORMAT - 1), rf"written by an older promptkit \(format {PROMPTS_FORMAT - 1} \(number\);"),
     (_set("format", 1), r"written by an older promptkit \(format 1 \(number\);"),
-    (_set("format", 3), r"written by a newer promptkit \(format 3; .*upgrade promptkit"),
+    (_set("format", PROMPTS_FORMAT + 1), rf"written by a newer promptkit \(format {PROMPTS_FORMAT + 1}; .*upgrade promptkit"),
     (_drop("model"), r"model must be an object with name, pretrained and fingerprint, missing"),
     (_set("model", None), r"model must be an object .*, found null \(null\)"),
     (_drop("model.fingerprint"), r"model.fingerprint must be a string, missing"),
@@ -111,7 +113,7 @@ def test_saved_prompts_round_trip(saved, clip) -> None:
     folder = saved(CoOp)
     reloaded = load_method(folder, clip)
     assert reloaded.threshold == 0.25 and isinstance(reloaded, CoOp)
-    assert json.loads((folder / META_FILE).read_text())["format"] == 2
+    assert json.loads((folder / META_FILE).read_text())["format"] == PROMPTS_FORMAT
 
 
 @pytest.mark.parametrize(("change", "why"), [

@@ -1,5 +1,6 @@
-"""What the prompt-learning methods share to train: a stage's optimiser settings, its schedules, the epoch loop and
-CoOp's positive-prompt stage (used by CoOp, LSN and NegPrompt)."""
+"""What several methods share: a training stage's optimiser settings and schedules, the epoch loop, the
+cross-entropy prompt stage (CoOp's, also LSN's and NegPrompt's positive stage) and the MCM and grouped NegLabel
+scores (MCM, CoOp, LSN; NegLabel, LAPT)."""
 
 from __future__ import annotations
 
@@ -133,24 +134,85 @@ def clip_logit_scale(clip) -> float:
     return float(clip.model.logit_scale.exp())
 
 
-def fit_positive_prompts(prompts, clip, features: Tensor, labels: Tensor, stage: Stage, seed: int, backend: str,
-                         progress: bool, desc: str, double_softmax: bool = False) -> list[float]:
-    """CoOp's stage: cross-entropy of logit_scale * cos(image [N, E], prompts [C, E]) towards labels [N].
+@dataclass(frozen=True)
+class PromptFit:
+    """How one prompt stage runs: its ``Stage``, the seed of its batch order, the op backend and the progress bar
+    (``desc`` names the stage in it and in a divergence error)."""
+
+    stage: Stage
+    seed: int
+    backend: str
+    desc: str
+    progress: bool = True
+
+
+def fit_by_cross_entropy(parameters: list[Tensor], logits: Callable[[Tensor], Tensor], labels: Tensor,
+                         run: PromptFit, double_softmax: bool = False) -> list[float]:
+    """Train ``parameters`` on the cross-entropy of ``logits(batch_indices)`` [b, C] towards ``labels`` [N].
 
     ``double_softmax``: the cross-entropy is taken of the softmax probabilities instead of the logits, as LSN's
-    released code does (``F.cross_entropy(F.softmax(100 * cos))``).
+    released code does (``F.cross_entropy(F.softmax(100 * cos))``). Returns each epoch's mean loss.
     """
-    parameters = list(prompts.parameters())
-    optimizer = stage.sgd(parameters)
-    scheduler = stage.scheduler(optimizer, len(features))
-    scale = clip_logit_scale(clip)
+    optimizer = run.stage.sgd(parameters)
+    scheduler = run.stage.scheduler(optimizer, len(labels))
 
     def loss_fn(index: Tensor) -> Tensor:
-        text = encode_prompts(prompts)[0]
-        logits = ops.cosine_logits(features[index], text, scale, backend=backend)
-        if double_softmax:
-            logits = torch.softmax(logits, dim=-1)
-        return F.cross_entropy(logits, labels[index])
+        z = logits(index)
+        return F.cross_entropy(torch.softmax(z, dim=-1) if double_softmax else z, labels[index])
 
-    return train_loop(loss_fn, parameters, optimizer, len(features), stage.epochs, stage.batch_size, seed, desc,
-                      progress, scheduler, stage.step_scheduler)
+    return train_loop(loss_fn, parameters, optimizer, len(labels), run.stage.epochs, run.stage.batch_size,
+                      run.seed, run.desc, run.progress, scheduler, run.stage.step_scheduler)
+
+
+def fit_positive_prompts(prompts, features: Tensor, labels: Tensor, logit_scale: float, run: PromptFit,
+                         double_softmax: bool = False) -> list[float]:
+    """CoOp's stage: cross-entropy of logit_scale * cos(image [N, E], prompts [C, E]) towards labels [N]."""
+    def logits(index: Tensor) -> Tensor:
+        return ops.cosine_logits(features[index], encode_prompts(prompts)[0], logit_scale, backend=run.backend)
+
+    return fit_by_cross_entropy(list(prompts.parameters()), logits, labels, run, double_softmax)
+
+
+def encode(prompts, local: bool, **selection) -> Tensor:
+    """Raw text features [K, C, E] of a prompt learner: in this process alone (``local``) or with the text-encoder
+    work split over torchrun ranks (``encode_prompts``); ``selection``: ``sets=`` / ``classes=``."""
+    return prompts(**selection) if local else encode_prompts(prompts, **selection)
+
+
+def mcm_score_and_classify(features: Tensor, text: Tensor, temperature: float, backend: str
+                           ) -> tuple[Tensor, Tensor]:
+    """MCM score [N] and the nearest class [N] of image features [N, E] against class prompts [C, E]."""
+    score = ops.mcm_score(features, text, temperature, backend=backend)
+    return score, ops.cosine_logits(features, text, backend=backend).argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class GroupedScore:
+    """The settings of NegLabel's grouped score: softmax temperature, number of groups of negatives (capped at
+    M), the seed of the grouping permutation and the grouping order (``ops.neglabel_score``)."""
+
+    temperature: float
+    groups: int
+    seed: int
+    order: str
+
+
+def grouped_neglabel_score(features: Tensor, id_text: Tensor, neg_text: Tensor, settings: GroupedScore,
+                           backend: str) -> tuple[Tensor, Tensor]:
+    """NegLabel score [N] and the nearest ID class [N] of image features [N, E]; id_text [C, E], neg_text [M, E]."""
+    groups = max(1, min(settings.groups, neg_text.shape[0]))
+    score = ops.neglabel_score(features, id_text, neg_text, settings.temperature, groups, settings.seed,
+                               backend=backend, group_order=settings.order)
+    return score, ops.cosine_logits(features, id_text, backend=backend).argmax(dim=-1)
+
+
+class NegativeLabelScore:
+    """The score of the methods with negative labels (NegLabel, LAPT): NegLabel's grouped score of their ID [C, E]
+    and negative-label [M, E] text features, with the config's temperature, groups, group_seed and group_order."""
+
+    text_kinds = ("id", "label_negatives")
+
+    def _score(self, features: Tensor, text) -> tuple[Tensor, Tensor]:
+        c = self.config
+        settings = GroupedScore(c.temperature, c.groups, c.group_seed, c.group_order)
+        return grouped_neglabel_score(features, text.id, text.label_negatives, settings, self.backend)
