@@ -8,8 +8,10 @@ Three sources, combinable:
 - generation with diffusers (optional: needs ``pip install diffusers`` and a GPU; otherwise it reports why it
   is unavailable).
 
-``save_collection`` writes ``collection.txt`` (``<image> <label>`` lines), ``classnames.txt`` (the label texts)
-and ``features.safetensors`` (features [N, E], labels [N]).
+``collect_images`` runs the whole collection for a list of label texts (the ``collect`` command and the
+training pipeline call it). ``save_collection`` writes ``collection.txt`` (``<image> <label>`` lines),
+``classnames.txt`` (the label texts), ``features.safetensors`` (features [N, E], labels [N], with a checksum that
+``open_pool`` verifies) and, given the mined negative labels, ``negatives.txt`` (``<pos><TAB><word>`` lines).
 """
 
 from __future__ import annotations
@@ -18,19 +20,25 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from promptkit.data.atomic import atomic_write
-from promptkit.data.cache import extract_features
+from promptkit.data.cache import describe_source, extract_features
 from promptkit.data.errors import DataError
-from promptkit.data.sources import ImageFolderSource, ImageSource, open_source
+from promptkit.data.integrity import load_tensors, save_tensors
+from promptkit.data.sources import EmbeddedSource, ImageFolderSource, ImageSource, open_source
 from promptkit.errors import UserError
 
+if TYPE_CHECKING:
+    from promptkit.negmine import NegativeLabels
+
 RETRIEVAL_TEMPLATE = "{}"  # LAPT retrieves and generates with the bare label text
+DEFAULT_POOL = "embedded:train (labels ignored)"  # how collect_images describes its pool when given none
 
 
 class CollectionUnavailableError(UserError, RuntimeError):
@@ -71,11 +79,18 @@ class Pool:
 def open_pool(spec: str | os.PathLike[str] | ImageSource, clip, **extract_options) -> Pool:
     """A pool from an image source, a folder/list/``embedded:`` spec, or a safetensors file of features.
 
-    ``extract_options`` go to ``extract_features`` (cache_dir, batch_size, shard_size, on_error, progress)."""
+    A feature file that records a checksum (one ``save_collection`` wrote) is verified; one without (written by
+    another tool) is read as it is. ``extract_options`` go to ``extract_features`` (cache_dir, batch_size,
+    shard_size, on_error, progress).
+
+    Raises:
+        DataError: a feature file that is corrupt, unreadable, without a ``features`` tensor or of another
+            feature size than ``clip``'s (one line naming the file).
+    """
     if isinstance(spec, (str, os.PathLike)) and str(spec).endswith(".safetensors"):
         path = Path(spec).expanduser()
-        try:
-            features = load_file(str(path))["features"]
+        try:  # a corrupt file raises IntegrityError, a DataError naming it
+            features = load_tensors(path, require_checksum=False)[0]["features"]
         except (OSError, KeyError, SafetensorError) as error:
             raise DataError(f"{path}: not a feature file with a 'features' tensor ({error})") from error
         if features.ndim != 2 or features.shape[1] != clip.embed_dim:
@@ -94,8 +109,8 @@ def rank_pool(image_features: Tensor, text_features: Tensor, per_label: int, ded
     (pool indices [N], labels [N]), ordered by label, then by descending cosine."""
     if per_label < 1:
         raise ValueError(f"images per label must be >= 1, got {per_label}")
-    image = image_features / image_features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    text = text_features.to(image) / text_features.to(image).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    image = F.normalize(image_features, dim=-1)
+    text = F.normalize(text_features.to(image), dim=-1)
     cos = text @ image.T  # [L, P]
     k = min(per_label, cos.shape[1])
     top = cos.topk(k, dim=1)  # ties: torch's order, fixed for a given input
@@ -175,15 +190,71 @@ def generate(label_names: list[str], per_label: int, out_dir: str | os.PathLike[
     return out
 
 
-def save_collection(collection: Collection, directory: str | os.PathLike[str]) -> Path:
-    """Write ``collection.txt``, ``classnames.txt`` and ``features.safetensors`` into ``directory``."""
+def collect_images(clip, labels: list[str], per_label: int, pool: str | os.PathLike[str] | ImageSource | None = None,
+                   folders: str | os.PathLike[str] | None = None, generate_model: str | None = None,
+                   generated_dir: str | os.PathLike[str] | None = None, *, num_id: int | None = None,
+                   **extract_options: Any) -> tuple[Collection, dict[str, Any]]:
+    """Training images for ``labels``: retrieval from ``pool``, then generated images, then the user's folders.
+
+    Args:
+        clip: the CLIP wrapper whose features are collected.
+        labels: the label texts (ID class names, then negative labels); collected labels index this list.
+        per_label: images per label to retrieve (and to generate).
+        pool: the retrieval pool (see ``open_pool``); None: the embedded training images, labels ignored.
+        folders: a folder with one subfolder of images per label (see ``from_folders``), or None.
+        generate_model: a diffusers text-to-image model to generate ``per_label`` images per label with, or None.
+        generated_dir: where generated images go (``<generated_dir>/<label>/``); needed with ``generate_model``.
+        num_id: how many of ``labels`` (the first ones) are ID class names; default all.
+        extract_options: passed to ``extract_features`` (cache_dir, batch_size, shard_size, on_error, progress).
+
+    Returns:
+        The collection and an info dict: ``pool`` (its description), ``pool_images``, ``collected_images`` and
+        ``labels_with_images`` (``{"id": ..., "negative": ...}``, labels that got at least one image).
+
+    Raises:
+        CollectionUnavailableError: ``generate_model`` given where generation cannot run (checked first).
+        ValueError: ``generate_model`` without ``generated_dir``, or ``num_id`` outside [0, len(labels)].
+    """
+    num_id = len(labels) if num_id is None else num_id
+    if not 0 <= num_id <= len(labels):
+        raise ValueError(f"collect_images: num_id must lie in [0, {len(labels)}], got {num_id}")
+    if generate_model is not None:
+        if generated_dir is None:
+            raise ValueError("collect_images: generate_model needs generated_dir for the generated images")
+        reason = generation_unavailable()
+        if reason:
+            raise CollectionUnavailableError(f"image generation with {generate_model} is unavailable: {reason}")
+    opened = open_pool(pool if pool is not None else EmbeddedSource("train"), clip, **extract_options)
+    collection = retrieve(clip, opened, labels, per_label)
+    if generate_model is not None:
+        generated = generate(labels, per_label, generated_dir, generate_model)
+        collection = collection + from_folders(clip, generated, labels, **extract_options)
+    if folders is not None:
+        collection = collection + from_folders(clip, folders, labels, **extract_options)
+    counts = collection.counts() > 0
+    if pool is None:
+        description = DEFAULT_POOL
+    elif isinstance(pool, (str, os.PathLike)):
+        description = os.fspath(pool)
+    else:
+        description = describe_source(pool)
+    info = {"pool": description, "pool_images": len(opened.features), "collected_images": len(collection),
+            "labels_with_images": {"id": int(counts[:num_id].sum()), "negative": int(counts[num_id:].sum())}}
+    return collection, info
+
+
+def save_collection(collection: Collection, directory: str | os.PathLike[str],
+                    negatives: NegativeLabels | None = None) -> Path:
+    """Write ``collection.txt``, ``classnames.txt``, ``features.safetensors`` (checksummed) and, given the
+    mined ``negatives``, ``negatives.txt`` (``<pos><TAB><word>`` lines) into ``directory``; returns it."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "collection.txt") as tmp:
         tmp.write_text("".join(f"{o} {int(y)}\n" for o, y in zip(collection.origins, collection.labels)))
     with atomic_write(out / "classnames.txt") as tmp:
         tmp.write_text("".join(f"{n}\n" for n in collection.label_names))
-    with atomic_write(out / "features.safetensors") as tmp:
-        save_file({"features": collection.features.contiguous(), "labels": collection.labels.contiguous()},
-                  str(tmp))
+    save_tensors(out / "features.safetensors", {"features": collection.features, "labels": collection.labels})
+    if negatives is not None:
+        with atomic_write(out / "negatives.txt") as tmp:
+            tmp.write_text("".join(f"{p}\t{w}\n" for w, p in zip(negatives.words, negatives.pos)))
     return out

@@ -5,8 +5,9 @@ embeddings; the words with the lowest distance are kept. Nouns are prompted "the
 "This is a {} photo", ID names "the nice {}". Two ways to split the count between nouns and adjectives:
 NegLabel keeps a share (15 %) of each; LAPT keeps exactly M, split in proportion to the pool sizes.
 
-Word embeddings are computed in batches and cached on disk (safetensors in the feature cache folder), keyed
-by the model fingerprint, the template and the sha256 of the word list, so mining the ~71k-word WordNet
+Word embeddings are computed in batches and cached on disk as ``text`` entries of promptkit's cache
+(``promptkit.data.cache.CacheEntry``: checksummed, written atomically, a damaged entry rebuilt with a warning),
+keyed by the model fingerprint, the template and the sha256 of the word list, so mining the ~71k-word WordNet
 vocabulary again is a file read.
 """
 
@@ -15,22 +16,20 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import json
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from promptkit.assets import VOCABULARY
-from promptkit.data.atomic import atomic_write
-from promptkit.data.cache import default_cache_dir
+from promptkit.data.cache import CacheEntry, cache_folder, entry_key
 from promptkit.data.errors import DataError
 
 NOUN_TEMPLATE = "the nice {}"
@@ -41,6 +40,18 @@ POS = ("noun", "adjective")
 # interpolation; NegLabel's code) or "sorted-index" (the value at index floor(percentile * C) of the ascending
 # cosines; LAPT's released mining, ``get_selected_ood_text_list`` in OpenOOD-VLM).
 PERCENTILE_RULES = ("quantile", "sorted-index")
+TEXT_KIND = "text"  # the kind of word-embedding cache entries
+
+
+class WordEncoder(Protocol):
+    """What ``embed_words`` needs from a CLIP wrapper."""
+
+    fingerprint: str  # changes whenever the weights change
+    embed_dim: int
+
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> Tensor:
+        """``N`` texts -> ``[N,E]`` raw text features."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -120,29 +131,42 @@ def _words_sha(words: list[str] | tuple[str, ...]) -> str:
     return hashlib.sha256("\n".join(words).encode("utf-8")).hexdigest()
 
 
-def text_cache_path(clip, template: str, words: list[str] | tuple[str, ...],
-                    cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where the embeddings of ``words`` in ``template`` by ``clip`` are cached."""
-    key = hashlib.sha256(json.dumps([clip.fingerprint, template, _words_sha(words)]).encode()).hexdigest()
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return folder / f"text-{key}.safetensors"
+def text_cache_entry(clip: WordEncoder, template: str, words: list[str] | tuple[str, ...],
+                     cache_dir: str | os.PathLike[str] | None = None) -> CacheEntry:
+    """The cache entry of the embeddings of ``words`` in ``template`` by ``clip`` (default folder:
+    ``default_cache_dir()``)."""
+    key = entry_key(TEXT_KIND, clip.fingerprint, template, _words_sha(words))
+    return CacheEntry(cache_folder(cache_dir), TEXT_KIND, key)
+
+
+def _cached_embeddings(entry: CacheEntry, n_words: int, embed_dim: int) -> Tensor | None:
+    """The stored embeddings of ``entry``, or None when it is absent or damaged (warned; then rebuilt)."""
+
+    def decode(index: dict[str, Any]) -> Tensor:
+        features = entry.read_tensors()[0]["features"]
+        if index["n_words"] != n_words or features.dtype != torch.float32 or features.shape != (n_words, embed_dim):
+            raise ValueError(f"expected float32 [{n_words}, {embed_dim}] embeddings, got {features.dtype} "
+                             f"{list(features.shape)}")
+        return features
+
+    return entry.load(decode)
 
 
 @torch.no_grad()
-def embed_words(clip, words: list[str] | tuple[str, ...], template: str,
+def embed_words(clip: WordEncoder, words: list[str] | tuple[str, ...], template: str,
                 cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 1024, progress: bool = True,
                 use_cache: bool = True) -> Tensor:
-    """L2-normalised text features [N, E] (fp32, CPU) of ``template.format(word)`` for N words, cached."""
+    """L2-normalised text features [N, E] (fp32, CPU) of ``template.format(word)`` for N words, cached.
+
+    ``use_cache=False`` neither reads nor writes the cache (e.g. for the few ID class names).
+    """
     if not words:
         return torch.empty(0, clip.embed_dim)
-    path = text_cache_path(clip, template, words, cache_dir)
-    if use_cache and path.is_file():
-        try:
-            cached = load_file(str(path))["features"]
-            if cached.shape == (len(words), clip.embed_dim):
-                return cached
-        except (OSError, KeyError, SafetensorError) as error:
-            warnings.warn(f"ignoring unreadable text cache entry {path}: {error}", stacklevel=2)
+    entry = text_cache_entry(clip, template, words, cache_dir)
+    if use_cache:
+        cached = _cached_embeddings(entry, len(words), clip.embed_dim)
+        if cached is not None:
+            return cached
     texts = [template.format(w) for w in words]
     chunks = []
     bar = tqdm(total=len(texts), unit="word", desc=f"embedding '{template}'",
@@ -152,13 +176,13 @@ def embed_words(clip, words: list[str] | tuple[str, ...], template: str,
     with bar:
         for start in range(0, len(texts), step):
             part = clip.encode_texts(texts[start : start + step], batch_size=batch_size).float().cpu()
-            chunks.append(part / part.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            chunks.append(F.normalize(part, dim=-1))
             bar.update(min(step, len(texts) - start))
     features = torch.cat(chunks).contiguous()
     if use_cache:
-        with atomic_write(path) as tmp:
-            save_file({"features": features}, str(tmp), metadata={"template": template, "words": str(len(words)),
-                                                                   "model": clip.fingerprint})
+        entry.write_tensors({"features": features})
+        entry.write_index(clip.fingerprint, f"words: {words[0]} ... ({len(words)} words) in {template!r}",
+                          template=template, n_words=len(words), embed_dim=int(features.shape[1]))
     return features
 
 

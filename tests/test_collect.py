@@ -11,8 +11,10 @@ from promptkit import collect
 from promptkit.clip import load_clip
 from promptkit.data.errors import DataError
 from promptkit.data.sources import EmbeddedSource
+from promptkit.negmine import NegativeLabels
 
 from .cli_helpers import run_cli
+from .integrity_helpers import flip_tensor_byte
 
 
 def test_rank_pool_picks_each_labels_images_and_deduplicates():
@@ -79,6 +81,52 @@ def test_user_folders_and_saved_files(tiny, tmp_path):
         collect.from_folders(tiny, tmp_path / "imgs", ["coat", "dress", "grass"], cache_dir=tmp_path)
 
 
+def test_saved_features_are_checksummed_and_verified_when_read_as_a_pool(tiny, tmp_path):
+    collection = collect.Collection(torch.randn(3, tiny.embed_dim), torch.tensor([0, 1, 1]), ["a", "b", "c"],
+                                    ["dress", "lamp"])
+    negatives = NegativeLabels(("lamp", "red"), ("noun", "adjective"), torch.zeros(2))
+    out = collect.save_collection(collection, tmp_path / "out", negatives=negatives)
+    assert (out / "negatives.txt").read_text().splitlines() == ["noun\tlamp", "adjective\tred"]
+    path = out / "features.safetensors"
+    pool = collect.open_pool(str(path), tiny)
+    assert torch.equal(pool.features, collection.features)
+    flip_tensor_byte(path, "features", 2)
+    with pytest.raises(DataError, match=r"features.safetensors: checksum mismatch, the file is corrupt") as info:
+        collect.open_pool(str(path), tiny)
+    assert "\n" not in str(info.value)
+    collect.save_collection(collection, tmp_path / "plain")
+    assert not (tmp_path / "plain" / "negatives.txt").exists()
+
+
+def test_collect_images_retrieves_then_adds_the_users_folders(tiny, tmp_path):
+    source = EmbeddedSource("train")
+    (tmp_path / "imgs" / "grass").mkdir(parents=True)
+    source.load(1).save(tmp_path / "imgs" / "grass" / "0.png")
+    labels = source.class_names + ["grass"]
+    options = {"cache_dir": tmp_path / "cache", "progress": False}
+    collection, info = collect.collect_images(tiny, labels, 3, folders=tmp_path / "imgs", num_id=6, **options)
+    retrieved = collect.retrieve(tiny, collect.open_pool(source, tiny, **options), labels, 3)
+    assert collection.label_names == labels and len(collection) == len(retrieved) + 1
+    assert collection.origins[-1] == str(tmp_path / "imgs" / "grass" / "0.png") and int(collection.labels[-1]) == 6
+    assert info == {"pool": "embedded:train (labels ignored)", "pool_images": len(source),
+                    "collected_images": len(collection), "labels_with_images": {"id": 6, "negative": 1}}
+    path = collect.save_collection(collection, tmp_path / "out") / "features.safetensors"
+    again, info = collect.collect_images(tiny, labels, 1, pool=str(path))
+    assert info["pool"] == str(path) and info["pool_images"] == len(collection)
+    assert info["labels_with_images"] == {"id": len(again), "negative": 0}  # all labels count as ID by default
+
+
+def test_collect_images_refuses_generation_before_any_work(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(collect.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(collect, "open_pool", lambda *a, **k: pytest.fail("the pool was opened"))
+    with pytest.raises(collect.CollectionUnavailableError, match="diffusers is not installed"):
+        collect.collect_images(tiny, ["dress"], 1, generate_model="stabilityai/sdxl", generated_dir=tmp_path)
+    with pytest.raises(ValueError, match="generate_model needs generated_dir"):
+        collect.collect_images(tiny, ["dress"], 1, generate_model="stabilityai/sdxl")
+    with pytest.raises(ValueError, match=r"num_id must lie in \[0, 1\]"):
+        collect.collect_images(tiny, ["dress"], 1, num_id=2)
+
+
 def test_generation_reports_why_it_is_unavailable(monkeypatch, tmp_path):
     monkeypatch.setattr(collect.importlib.util, "find_spec", lambda name: None)
     assert "diffusers is not installed" in collect.generation_unavailable()
@@ -93,8 +141,8 @@ def test_collect_command(tmp_path):
     vocab = tmp_path / "words.txt"
     vocab.write_text("gravel\ngrass\nlamp\ncloud\na\tred\n")
     out = tmp_path / "collected"
-    result = run_cli("collect", "--output", str(out), "--negatives", "3", "--vocabulary", str(vocab),
-                     "--per-label", "2", "--no-progress", cwd=tmp_path, cache=tmp_path / "cache")
+    result = run_cli("collect", "--output", str(out), "--set", "train_negatives=3", "--set", f"vocabulary={vocab}",
+                     "--set", "images_per_label=2", "--no-progress", cwd=tmp_path, cache=tmp_path / "cache")
     assert "(6 ID, 3 negative)" in result.stdout
     names = (out / "classnames.txt").read_text().splitlines()
     assert names[:6] == EmbeddedSource("test").class_names and len(names) == 9

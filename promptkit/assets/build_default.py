@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from promptkit.assets import EMBEDDED_IMAGES, EMBEDDED_META, MODEL_CONFIG, MODEL_NAME, MODEL_WEIGHTS
+from promptkit.data.atomic import atomic_write
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -286,16 +285,11 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, embedded: dict[str, np
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the target directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped files must be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``write`` a temporary path that becomes ``path`` (``promptkit.data.atomic.atomic_write``), then make
+    ``path`` world-readable whatever the umask: the built assets ship with the package."""
+    with atomic_write(path) as tmp:
+        write(tmp)
+    path.chmod(0o644)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -338,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     _atomic(args.out / MODEL_WEIGHTS.name, lambda t: save_file(weights, str(t), metadata={"seed": str(args.seed)}))
 
     def write_npz(t: Path) -> None:
-        with open(t, "wb") as f:
+        with open(t, "wb") as f:  # a file object: given a path, numpy would append ".npz" to the temporary name
             np.savez_compressed(f, **embedded)
 
     _atomic(args.out / EMBEDDED_IMAGES.name, write_npz)

@@ -1,4 +1,5 @@
-"""Data layer: image sources, few-shot sampling, class names, benchmark specs and the feature cache."""
+"""Data layer: image sources, few-shot sampling, class names, benchmark specs and the tensor cache (image features,
+word embeddings)."""
 
 from promptkit.data.cache import Features, cache_key, default_cache_dir, extract_features
 from promptkit.data.classnames import class_names, class_wnids, read_class_names

@@ -1,21 +1,33 @@
-"""Image-feature extraction with an on-disk cache.
+"""The on-disk cache of frozen tensors (image features, NegMine word embeddings) and image-feature extraction.
 
-Features are extracted once per (model, preprocessing, image set) and stored as ``<key>.safetensors`` plus a
-``<key>.json`` sidecar in the cache folder. The key hashes the model's fingerprint, the preprocessing's repr and
-the source's fingerprint (for files: every path, size and mtime), so any change to those is a cache miss.
+One mechanism serves every kind of cached tensor (``CacheEntry``):
 
-A set larger than one shard (``shard_size`` images, 4096 by default) is stored as shards instead: images
-``[start, stop)`` go to ``<key>.shards/<start>-<stop>.safetensors`` (each a complete file, written atomically, that
-records its unreadable images in its metadata), and ``<key>.json``, written last, lists them. The shards depend only
-on the set and ``shard_size``, never on the number of processes: under ``torchrun`` each rank encodes a contiguous
-run of shards (``promptkit.distributed.shard``), rank 0 writes the index, and every rank then reads the same entry
-as a single-process run would have written. A rerun after an interruption keeps the finished shards.
+- **Key**: ``entry_key(kind, *depends_on)``, the hex sha256 of ``[CACHE_FORMAT, kind, *depends_on]`` as JSON,
+  where ``depends_on`` is everything the tensors are a function of: the model fingerprint, the inputs' identity
+  or hash and the settings. Image features: the model fingerprint, the preprocessing's repr and the source's
+  fingerprint (for files: every path, size and mtime). Word embeddings (``promptkit.negmine``): the model
+  fingerprint, the prompt template and the sha256 of the word list. Any change to those is a cache miss.
+- **Layout**: in the cache folder (``default_cache_dir()``), entry ``<kind>-<key>`` is the tensor file
+  ``<kind>-<key>.safetensors`` (or, for an entry stored in parts, the files ``<kind>-<key>.shards/<part>``) and
+  the index ``<kind>-<key>.json``, written last: an index on disk means a complete entry. The index records the
+  format, kind, key, model fingerprint, a description of the inputs (``source``), the promptkit version, the
+  time, and the kind's own fields (e.g. ``n_images`` and ``shards``).
+- **Integrity**: every tensor file records a checksum of its tensors and the entry's key
+  (``promptkit.data.integrity``), verified on every read; every file is written atomically
+  (``promptkit.data.atomic``).
+- **A damaged entry** (a corrupt or foreign file, a file without a checksum from an older promptkit, an index
+  that does not match) is stale: it is rebuilt after a one-line warning, never used. A damaged part is removed
+  with its own warning, so that only it is rebuilt.
 
-Every tensor file records a checksum of its tensors (``promptkit.data.integrity``), verified on every read. A
-corrupt file, or one without a checksum (an older promptkit), is stale: it is rebuilt with a one-line warning,
-never used. Features that cannot be L2-normalised (a row that is all zero or not finite, e.g. from broken
-weights or an fp16 overflow) are refused naming the image, before anything is cached: the scores would
-otherwise be uniform for that image without a word.
+Image features: a set larger than one shard (``shard_size`` images, 4096 by default) is stored in parts: images
+``[start, stop)`` go to ``<kind>-<key>.shards/<start>-<stop>.safetensors`` (each a complete file that records its
+unreadable images in its metadata), and the index lists them. The shards depend only on the set and
+``shard_size``, never on the number of processes: under ``torchrun`` each rank encodes a contiguous run of shards
+(``promptkit.distributed.shard``), rank 0 writes the index, and every rank then reads the same entry as a
+single-process run would have written. A rerun after an interruption keeps the finished shards. Features that
+cannot be L2-normalised (a row that is all zero or not finite, e.g. from broken weights or an fp16 overflow) are
+refused naming the image, before anything is cached: the scores would otherwise be uniform for that image
+without a word.
 """
 
 from __future__ import annotations
@@ -27,10 +39,10 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 from PIL import Image
@@ -40,14 +52,147 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import Subset as _IndexSubset
 from tqdm.auto import tqdm
 
-from promptkit import __version__, distributed
+from promptkit import distributed
 from promptkit.data.atomic import atomic_write
 from promptkit.data.errors import BadImageError, DataError
 from promptkit.data.integrity import load_tensors, save_tensors
 from promptkit.data.sources import ImageSource
+from promptkit.version import __version__
 
-CACHE_FORMAT = 2  # bump when the stored layout or the extraction semantics change
+CACHE_FORMAT = 3  # bump when the stored layout or the semantics of a cached kind change
 DEFAULT_SHARD_SIZE = 4096  # images per cache shard; sets up to this size are stored as one file
+FEATURE_KIND = "feature"  # the kind of image-feature entries
+
+T = TypeVar("T")
+
+
+def default_cache_dir() -> Path:
+    """``$PROMPTKIT_CACHE`` if set, else ``~/.cache/promptkit/features`` (it holds every kind of entry)."""
+    env = os.environ.get("PROMPTKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "promptkit" / "features"
+
+
+def cache_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache folder ``cache_dir`` (``~`` expanded), or ``default_cache_dir()`` when it is None."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def entry_key(kind: str, *depends_on: Any) -> str:
+    """The hex sha256 naming the entry of ``kind`` whose tensors are a function of ``depends_on`` (JSON values)."""
+    return hashlib.sha256(json.dumps([CACHE_FORMAT, kind, *depends_on]).encode()).hexdigest()
+
+
+# What reading a damaged, foreign or outdated cache file raises (IntegrityError is a ValueError).
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry of the cache: its tensor file(s) and its index (see the module docstring for the layout).
+
+    Attributes:
+        folder: the cache folder.
+        kind: what the entry holds (``"feature"``, ``"text"``); it prefixes the file names and the warnings.
+        key: ``entry_key(kind, ...)``.
+    """
+
+    folder: Path
+    kind: str
+    key: str
+
+    @property
+    def name(self) -> str:
+        """``<kind>-<key>``: the stem of every file of the entry."""
+        return f"{self.kind}-{self.key}"
+
+    @property
+    def index_path(self) -> Path:
+        """The index, ``<name>.json``: present only once the entry is complete."""
+        return self.folder / f"{self.name}.json"
+
+    @property
+    def tensors_path(self) -> Path:
+        """The tensor file of an entry stored in one file."""
+        return self.folder / f"{self.name}.safetensors"
+
+    def part_path(self, part: str) -> Path:
+        """The tensor file ``part`` of an entry stored in parts (``<name>.shards/<part>``)."""
+        return self.folder / f"{self.name}.shards" / part
+
+    def write_tensors(self, tensors: Mapping[str, Tensor], path: Path | None = None,
+                      metadata: Mapping[str, str] | None = None) -> None:
+        """Write ``tensors`` atomically with their checksum and this entry's key to ``path`` (default: the
+        one-file tensor path); ``metadata`` adds string fields."""
+        save_tensors(path or self.tensors_path, tensors, metadata={**(metadata or {}), "key": self.key})
+
+    def read_tensors(self, path: Path | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The tensors and metadata of ``path`` (default: the one-file tensor path), verified.
+
+        Raises:
+            OSError, ValueError, SafetensorError: the file is missing, corrupt, without a checksum or of another
+                entry.
+        """
+        target = path or self.tensors_path
+        tensors, metadata = load_tensors(target)
+        if metadata.get("key") != self.key:
+            raise ValueError(f"{target.name} belongs to another entry")
+        return tensors, metadata
+
+    def write_index(self, fingerprint: str, source: str, **fields: Any) -> None:
+        """Write the index last, atomically: from then on the entry is complete.
+
+        Args:
+            fingerprint: the model fingerprint the tensors came from.
+            source: what the tensors were computed from, for people reading the folder.
+            fields: the kind's own JSON fields (sizes, settings, parts).
+        """
+        index = {
+            "format": CACHE_FORMAT,
+            "kind": self.kind,
+            "key": self.key,
+            "fingerprint": fingerprint,
+            "source": source,
+            **fields,
+            "promptkit_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with atomic_write(self.index_path) as tmp:
+            tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    def load(self, decode: Callable[[dict[str, Any]], T | None]) -> T | None:
+        """``decode(index)`` of the complete entry, or None when it is absent or damaged (then it is to be rebuilt).
+
+        ``decode`` reads the tensors (``read_tensors``) and checks them against the index, raising OSError,
+        ValueError, KeyError, TypeError or SafetensorError when they do not fit; that gives a one-line warning
+        naming the index. ``decode`` returns None for an entry it found incomplete and already warned about (a
+        damaged part that ``finished_part`` removed).
+        """
+        if not self.index_path.is_file():
+            return None
+        try:
+            index = json.loads(self.index_path.read_text(encoding="utf-8"))
+            if index["key"] != self.key or index["kind"] != self.kind:
+                raise ValueError("entry does not match its key")
+            return decode(index)
+        except _UNREADABLE as e:
+            warnings.warn(f"ignoring unreadable {self.kind} cache entry {self.index_path} ({e}); rebuilding it",
+                          stacklevel=3)
+            return None
+
+    def finished_part(self, path: Path, decode: Callable[[dict[str, Tensor], dict[str, str]], T]) -> T | None:
+        """``decode(*read_tensors(path))`` when ``path`` is a complete, intact part of this entry, else None.
+
+        A part that exists but fails its checks (``decode`` raising as in ``load``) is removed with a one-line
+        warning: the rebuild then makes it again, silently, and the warning is given once.
+        """
+        if not path.is_file():
+            return None
+        try:
+            return decode(*self.read_tensors(path))
+        except _UNREADABLE as e:
+            warnings.warn(f"rebuilding {self.kind} cache shard {path} ({e})", stacklevel=4)
+            path.unlink(missing_ok=True)
+            return None
 
 
 class ImageEncoder(Protocol):
@@ -78,11 +223,9 @@ class Features:
     kept: Tensor
     skipped: list[str]
 
-
-def default_cache_dir() -> Path:
-    """``$PROMPTKIT_CACHE`` if set, else ``~/.cache/promptkit/features``."""
-    env = os.environ.get("PROMPTKIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "promptkit" / "features"
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors a cache file stores."""
+        return {"features": self.features, "labels": self.labels, "kept": self.kept}
 
 
 def cache_key(clip: ImageEncoder, source: ImageSource) -> str:
@@ -90,8 +233,12 @@ def cache_key(clip: ImageEncoder, source: ImageSource) -> str:
     # A repr may show an object's memory address (e.g. a plain function inside Compose); drop it so the
     # key is the same in every process.
     preprocess = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(clip.preprocess))
-    parts = [CACHE_FORMAT, clip.fingerprint, preprocess, source.fingerprint()]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return entry_key(FEATURE_KIND, clip.fingerprint, preprocess, source.fingerprint())
+
+
+def describe_source(source: ImageSource) -> str:
+    """A one-line description of an image source: its type, first image and size."""
+    return f"{type(source).__name__}: {source.describe(0)} ... ({len(source)} images)"
 
 
 class _Preprocessed(Dataset):
@@ -123,43 +270,39 @@ def _collate(items: list[_Item]) -> tuple[Tensor | None, list[int], list[tuple[i
     return images, [i for _, i in good], bad
 
 
-# What reading a damaged, foreign or outdated cache file raises (IntegrityError is a ValueError).
-_UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)
+def feature_entry(clip: ImageEncoder, source: ImageSource,
+                  cache_dir: str | os.PathLike[str] | None = None) -> CacheEntry:
+    """The cache entry of ``clip``'s features of ``source`` in ``cache_dir`` (default ``default_cache_dir()``)."""
+    return CacheEntry(cache_folder(cache_dir), FEATURE_KIND, cache_key(clip, source))
 
 
-def _load_entry(folder: Path, key: str, n_images: int) -> Features | None:
+def _load_entry(entry: CacheEntry, n_images: int) -> Features | None:
     """The cached features of ``n_images`` images, or None if the entry is absent, incomplete, corrupt or from
     an older promptkit (then it is rebuilt; a corrupt shard is removed, with a warning, so that only it is)."""
-    json_path = folder / f"{key}.json"
-    if not json_path.is_file():
-        return None
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-        if meta["key"] != key or meta["n_images"] != n_images:
+
+    def decode(index: dict[str, Any]) -> Features | None:
+        if index["n_images"] != n_images:
             raise ValueError("entry does not match its key")
-        if "shards" in meta:
+        if "shards" in index:
             parts = []
-            for name in meta["shards"]:
-                path = folder / f"{key}.shards" / name
+            for name in index["shards"]:
+                path = entry.part_path(name)
                 if not path.is_file():
                     raise ValueError(f"shard {path} is missing")
-                shard = _finished_shard(path, key, n_images)
+                shard = _finished_shard(entry, path, n_images)
                 if shard is None:  # corrupt: _finished_shard warned and removed it
                     return None
                 parts.append(shard)
             feats = _join(parts)
         else:
-            t, stored = load_tensors(folder / f"{key}.safetensors")
-            if stored.get("key") != key:
-                raise ValueError("entry does not match its key")
-            feats = Features(t["features"], t["labels"], t["kept"], list(meta["skipped"]))
-        _check_layout(feats, n_images, json_path)
-        if len(feats.features) != meta["n_features"]:
+            t, _ = entry.read_tensors()
+            feats = Features(t["features"], t["labels"], t["kept"], list(index["skipped"]))
+        _check_layout(feats, n_images, entry.index_path)
+        if len(feats.features) != index["n_features"]:
             raise ValueError("entry does not match its key")
         return feats
-    except _UNREADABLE as e:
-        warnings.warn(f"ignoring unreadable feature cache entry {json_path} ({e}); rebuilding it", stacklevel=3)
-        return None
+
+    return entry.load(decode)
 
 
 def _check_layout(feats: Features, n_images: int, where: Path) -> None:
@@ -181,36 +324,27 @@ def _shard_name(span: range) -> str:
     return f"{span.start:010d}-{span.stop:010d}.safetensors"
 
 
-def _write_shard(path: Path, key: str, feats: Features) -> None:
-    tensors = {"features": feats.features, "labels": feats.labels, "kept": feats.kept}
-    save_tensors(path, tensors, metadata={"key": key, "skipped": json.dumps(feats.skipped)})
+def _shard_decoder(path: Path, n_images: int) -> Callable[[dict[str, Tensor], dict[str, str]], Features]:
+    """Stored shard tensors and metadata -> ``Features``, checked (ValueError/KeyError when they do not fit)."""
+
+    def decode(t: dict[str, Tensor], meta: dict[str, str]) -> Features:
+        feats = Features(t["features"], t["labels"], t["kept"], list(json.loads(meta["skipped"])))
+        _check_layout(feats, n_images, path)
+        return feats
+
+    return decode
 
 
-def _read_shard(path: Path, key: str, n_images: int) -> Features:
+def _read_shard(entry: CacheEntry, path: Path, n_images: int) -> Features:
     """One shard file, verified; raises OSError/ValueError/SafetensorError when it is missing, foreign, corrupt
     or without a checksum."""
-    t, meta = load_tensors(path)
-    if meta.get("key") != key:
-        raise ValueError(f"shard {path.name} belongs to another entry")
-    feats = Features(t["features"], t["labels"], t["kept"], list(json.loads(meta["skipped"])))
-    _check_layout(feats, n_images, path)
-    return feats
+    return _shard_decoder(path, n_images)(*entry.read_tensors(path))
 
 
-def _finished_shard(path: Path, key: str, n_images: int) -> Features | None:
-    """The shard at ``path`` when it is a complete, intact shard of this entry (so a rerun can keep it), else None.
-
-    A shard file that exists but fails its checks is removed with a one-line warning: the rebuild then encodes
-    it again, silently, and the warning is given once.
-    """
-    if not path.is_file():
-        return None
-    try:
-        return _read_shard(path, key, n_images)
-    except _UNREADABLE as e:
-        warnings.warn(f"rebuilding feature cache shard {path} ({e})", stacklevel=4)
-        path.unlink(missing_ok=True)
-        return None
+def _finished_shard(entry: CacheEntry, path: Path, n_images: int) -> Features | None:
+    """The shard at ``path`` when it is a complete, intact shard of ``entry`` (so a rerun can keep it), else None
+    (a damaged one is removed with a warning)."""
+    return entry.finished_part(path, _shard_decoder(path, n_images))
 
 
 def _join(parts: list[Features]) -> Features:
@@ -280,10 +414,9 @@ def extract_features(
         raise ValueError("extract_features: use_cache=False cannot run on several ranks; "
                          "the ranks exchange features through the cache folder")
 
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = cache_key(clip, source)
+    entry = feature_entry(clip, source, cache_dir)
     if use_cache:
-        cached = _load_entry(folder, key, len(source))
+        cached = _load_entry(entry, len(source))
         # Every rank must take the same branch, and no rank may rewrite a shard another is still reading.
         if distributed.all_ok(cached is not None):
             return _checked(cached, source, on_error)
@@ -298,22 +431,22 @@ def extract_features(
         error: Exception | None = None
         result: Features | None = None  # what rank 0 wrote, returned without reading it back
         own: dict[int, Features] = {}  # this rank's shards by first image: joined without reading them back
-        shard_dir = folder / f"{key}.shards"
         try:
             if len(spans) == 1:
                 if distributed.is_main():  # one shard: rank 0 encodes it, the others wait
                     result = _encode(clip, source, spans[0], batch_size, device, on_error, num_workers, bar)
-                    _store_entry(folder, key, result, clip, source, shards=None)
+                    entry.write_tensors(result.tensors())
+                    _write_index(entry, result, clip, source, shards=None)
             else:
                 mine = distributed.shard(len(spans))
                 for span in spans[mine.start:mine.stop]:
-                    path = shard_dir / _shard_name(span)
-                    shard = _finished_shard(path, key, len(source))  # resume: done by an earlier, interrupted run
+                    path = entry.part_path(_shard_name(span))
+                    shard = _finished_shard(entry, path, len(source))  # resume: done by an earlier, interrupted run
                     if shard is not None:
                         bar.update(len(span))
                     else:
                         shard = _encode(clip, source, span, batch_size, device, on_error, num_workers, bar)
-                        _write_shard(path, key, shard)
+                        entry.write_tensors(shard.tensors(), path, metadata={"skipped": json.dumps(shard.skipped)})
                     own[span.start] = shard
         except Exception as e:  # every rank must learn of a failure, or the others wait forever below
             error = e
@@ -322,14 +455,15 @@ def extract_features(
         if len(spans) > 1 and distributed.is_main():
             names = [_shard_name(span) for span in spans]
             result = _join([own[span.start] if span.start in own
-                            else _read_shard(shard_dir / name, key, len(source)) for span, name in zip(spans, names)])
-            _store_entry(folder, key, result, clip, source, shards=names)
+                            else _read_shard(entry, entry.part_path(name), len(source))
+                            for span, name in zip(spans, names)])
+            _write_index(entry, result, clip, source, shards=names)
         distributed.barrier()  # the index exists once rank 0 passes here
-    entry = result if result is not None else _load_entry(folder, key, len(source))
-    if entry is None:
-        raise DataError(f"the feature cache entry {folder / key}.json was not written (is {folder} shared by "
+    written = result if result is not None else _load_entry(entry, len(source))
+    if written is None:
+        raise DataError(f"the feature cache entry {entry.index_path} was not written (is {entry.folder} shared by "
                         "every rank?)")
-    return _checked(entry, source, on_error)
+    return _checked(written, source, on_error)
 
 
 def _checked(feats: Features, source: ImageSource, on_error: str) -> Features:
@@ -387,28 +521,16 @@ def _check_rows(features: Tensor, names: list[str], model: str) -> None:
                         "these images")
 
 
-def _store_entry(folder: Path, key: str, feats: Features, clip: ImageEncoder, source: ImageSource,
+def _write_index(entry: CacheEntry, feats: Features, clip: ImageEncoder, source: ImageSource,
                  shards: list[str] | None) -> None:
-    """Write the entry's sidecar ``<key>.json`` (and, for a one-file entry, its tensors first).
-
-    The sidecar goes last: a sidecar on disk means a complete entry.
-    """
-    if shards is None:
-        save_tensors(folder / f"{key}.safetensors",
-                     {"features": feats.features, "labels": feats.labels, "kept": feats.kept}, metadata={"key": key})
-    meta = {
-        "format": CACHE_FORMAT,
-        "key": key,
+    """Write the index of a feature entry whose tensors are written (one file, or the ``shards`` parts)."""
+    fields: dict[str, Any] = {
         "model": clip.name,
-        "source": f"{type(source).__name__}: {source.describe(0)} ... ({len(source)} images)",
         "n_images": len(source),
         "n_features": len(feats.features),
         "feature_dim": int(feats.features.shape[1]),
         "skipped": feats.skipped,
-        "promptkit_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if shards is not None:
-        meta["shards"] = shards
-    with atomic_write(folder / f"{key}.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        fields["shards"] = shards
+    entry.write_index(clip.fingerprint, describe_source(source), **fields)

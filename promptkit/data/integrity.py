@@ -1,4 +1,4 @@
-"""Tensor files that carry their own checksum: feature-cache entries and saved prompts.
+"""Tensor files that carry their own checksum: cache entries, saved prompts and collected features.
 
 ``save_tensors`` records, in the safetensors metadata under ``"sha256"``, a digest over every tensor's name,
 dtype, shape and bytes in sorted name order; ``load_tensors`` recomputes it, so a flipped byte anywhere in the
@@ -55,11 +55,16 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor],
     return digest
 
 
-def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+def load_tensors(path: str | os.PathLike[str], *, require_checksum: bool = True
+                 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and metadata of ``path``, verified against the checksum the file records.
 
+    ``require_checksum=False`` accepts a file that records no checksum (one another tool wrote), unverified; a
+    file that records one is always verified.
+
     Raises:
-        IntegrityError: no checksum recorded (a file from an older promptkit) or a mismatch (a corrupt file).
+        IntegrityError: a mismatch (a corrupt file), or no checksum recorded (a file from an older promptkit)
+            while ``require_checksum`` is set.
         OSError, SafetensorError: the file is missing, truncated or not a safetensors file.
     """
     with safe_open(str(path), framework="pt") as handle:
@@ -67,6 +72,8 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     recorded = metadata.get(CHECKSUM_KEY)
     if recorded is None:
+        if not require_checksum:
+            return tensors, metadata
         raise IntegrityError(f"{Path(path)}: no checksum recorded (written by an older promptkit)")
     actual = tensors_digest(tensors)
     if actual != recorded:

@@ -7,6 +7,7 @@ a hash of the content identity that the feature cache keys on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -369,7 +370,6 @@ class EmbeddedSource:
         self.split = split
         self.images = images
         self.labels = torch.from_numpy(labels)
-        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -381,13 +381,16 @@ class EmbeddedSource:
         return f"{EMBEDDED_PREFIX}{self.split}[{i}]"
 
     def fingerprint(self) -> str:
-        if self._fingerprint is None:  # the arrays are immutable once loaded, so hash the bytes once
-            h = hashlib.sha256(f"embedded:{self.split}:{self.images.shape}".encode())
-            h.update(np.ascontiguousarray(self.images).tobytes())
-            h.update(self.labels.numpy().tobytes())
-            h.update(json.dumps(self.class_names).encode())
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
+        return self._digest
+
+    @functools.cached_property
+    def _digest(self) -> str:
+        """The hash of the split's bytes, computed once: the arrays are immutable once loaded."""
+        h = hashlib.sha256(f"embedded:{self.split}:{self.images.shape}".encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        h.update(self.labels.numpy().tobytes())
+        h.update(json.dumps(self.class_names).encode())
+        return h.hexdigest()
 
 
 def _read_embedded_meta(folder: Path) -> dict:

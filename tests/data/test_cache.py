@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,11 @@ from promptkit.data import (
     cache_key,
     extract_features,
 )
+from promptkit.data.cache import FEATURE_KIND, CacheEntry, entry_key, feature_entry
+from promptkit.data.integrity import load_tensors
+from promptkit.negmine import TEXT_KIND, embed_words, text_cache_entry
+
+from ..integrity_helpers import flip_tensor_byte
 
 
 @pytest.fixture
@@ -204,3 +210,65 @@ def test_embedded_source_features(tmp_path: Path, make_clip, write_embedded) -> 
     gray = torch.from_numpy(arrays["test_images"]).float().div(255).mean(dim=(1, 2))
     torch.testing.assert_close(feats.features, 2 * gray[:, None].expand(-1, 3))
     assert feats.labels.tolist() == arrays["test_labels"].tolist()
+
+
+class FakeWords:
+    """A text encoder whose feature of a text is (its length, 1); ``calls`` counts ``encode_texts`` calls."""
+
+    fingerprint = "fake-words-v1"
+    embed_dim = 2
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        self.calls += 1
+        return torch.tensor([[float(len(t)), 1.0] for t in texts])
+
+
+def test_feature_and_word_entries_share_one_layout(folder: Path, tmp_path: Path, make_clip) -> None:
+    cache = tmp_path / "cache"
+    clip, words = make_clip(), FakeWords()
+    source = ImageFolderSource(folder)
+    extract_features(clip, source, cache_dir=cache, progress=False)
+    embed_words(words, ["red", "blue"], "a {} photo", cache, progress=False)
+    entries = [feature_entry(clip, source, cache), text_cache_entry(words, "a {} photo", ["red", "blue"], cache)]
+    assert [e.kind for e in entries] == [FEATURE_KIND, TEXT_KIND]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        f"{e.kind}-{e.key}{suffix}" for e in entries for suffix in (".json", ".safetensors"))
+    for entry in entries:
+        index = json.loads(entry.index_path.read_text())
+        assert {index["kind"], index["key"], index["format"]} == {entry.kind, entry.key, 3}
+        assert ": " in index["source"] and index["fingerprint"] in (clip.fingerprint, words.fingerprint)
+        assert load_tensors(entry.tensors_path)[1]["key"] == entry.key  # checksummed, tagged with its key
+    assert entry_key("text", "a") != entry_key("feature", "a")  # kinds never share a key
+
+
+def test_word_embeddings_are_a_file_read_and_a_corrupt_entry_is_rebuilt(tmp_path: Path) -> None:
+    words = FakeWords()
+    first = embed_words(words, ["red", "blue"], "a {} photo", tmp_path, progress=False)
+    torch.testing.assert_close(first, torch.nn.functional.normalize(torch.tensor([[11.0, 1.0], [12.0, 1.0]]), dim=-1))
+    assert torch.equal(embed_words(words, ["red", "blue"], "a {} photo", tmp_path, progress=False), first)
+    assert words.calls == 1
+    entry = text_cache_entry(words, "a {} photo", ["red", "blue"], tmp_path)
+    flip_tensor_byte(entry.tensors_path, "features", 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = embed_words(words, ["red", "blue"], "a {} photo", tmp_path, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].startswith(f"ignoring unreadable text cache entry {entry.index_path}")
+    assert "checksum mismatch" in messages[0] and messages[0].endswith("rebuilding it")
+    assert words.calls == 2 and torch.equal(again, first)
+    embed_words(words, ["red", "blue"], "a {} photo", tmp_path, progress=False)
+    assert words.calls == 2  # the rebuilt entry is intact
+
+
+def test_an_intact_file_of_another_entry_is_not_used(tmp_path: Path) -> None:
+    words = FakeWords()
+    red = embed_words(words, ["red"], "a {}", tmp_path, progress=False)
+    embed_words(words, ["blue"], "a {}", tmp_path, progress=False)
+    entries = {w: text_cache_entry(words, "a {}", [w], tmp_path) for w in ("red", "blue")}
+    entries["red"].tensors_path.write_bytes(entries["blue"].tensors_path.read_bytes())
+    with pytest.warns(UserWarning, match=r"ignoring unreadable text cache entry .*belongs to another entry"):
+        again = embed_words(words, ["red"], "a {}", tmp_path, progress=False)
+    assert words.calls == 3 and torch.equal(again, red)

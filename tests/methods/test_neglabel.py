@@ -166,7 +166,8 @@ def test_neglabel_score_save_reload(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("PROMPTKIT_CACHE", str(tmp_path / "cache"))
     config = NegLabelConfig(share=0.5, vocabulary=str(vocab_file), groups=2)
     method = NegLabel(tiny, ["t-shirt", "dress"], config)
-    negatives = method.mine(progress=False)
+    method.prepare(progress=False)
+    negatives = method.negative_labels()
     assert len(negatives) == 4 + 1  # half of 9 nouns, half of 2 adjectives
     features = torch.randn(7, tiny.embed_dim, generator=torch.Generator().manual_seed(0))
     score, predicted = method.score(features)
@@ -181,5 +182,5 @@ def test_neglabel_score_save_reload(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr("promptkit.methods.neglabel.mine_negative_labels", no_mining)
     reloaded = load_method(tmp_path / "prompts", tiny)
-    assert reloaded.mine().words == negatives.words
+    assert reloaded.negative_labels().words == negatives.words
     torch.testing.assert_close(reloaded.score(features)[0], score)
