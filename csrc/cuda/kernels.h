@@ -16,7 +16,8 @@ void cosine(const void* img, const void* txt, std::int64_t B, std::int64_t N, st
             int dtype, Stream stream);
 
 // pk::cpu::segment_stats on cos = img @ txt^T, computed tile by tile and never stored. seg_offsets (int64, S + 1)
-// and seg_scales (S) live on the device and are not checked there: the caller passes 0 = o_0 < ... < o_S = N.
+// and seg_scales (S) live on the device and are not checked there: the caller passes 0 = o_0 <= ... <= o_S = N
+// (an empty segment gives -inf, +inf, -inf).
 void segment_stats(const void* img, const void* txt, std::int64_t B, std::int64_t N, std::int64_t D,
                    const std::int64_t* seg_offsets, const void* seg_scales, std::int64_t S, void* out_max,
                    void* out_min, void* out_lse, int dtype, Stream stream);

@@ -1,13 +1,20 @@
 // What every CUDA entry point shares: dtype dispatch, element loads into the accumulation type, warp
-// reductions, the device guard and launch error checks.
+// reductions, the device guard, launch error checks and stream-ordered scratch memory.
 #pragma once
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "promptkit's CUDA kernels use bf16 and TF32 tensor-core instructions: build for sm_80 or newer"
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/defs.h"
@@ -87,5 +94,62 @@ inline cudaStream_t as_stream(Stream stream) { return reinterpret_cast<cudaStrea
 inline unsigned blocks_for(std::int64_t items, std::int64_t per_block) {
   return static_cast<unsigned>((items + per_block - 1) / per_block);
 }
+
+// Streaming multiprocessors of the current device: how many blocks a launch needs to fill it.
+inline int sm_count(const char* fn) {
+  int device = 0, sms = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (error != cudaSuccess) cuda_failure(fn, "cannot query the device", error);
+  return sms;
+}
+
+// Temporary device memory for one call's kernels, allocated and freed in stream order (no host synchronisation)
+// from a pool of this module's own per device, which keeps what it has between calls instead of handing it back
+// to the driver at every synchronisation. Construct it after the DeviceGuard, on the launch stream.
+class Scratch {
+ public:
+  Scratch(const char* fn, std::size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (bytes == 0) return;
+    const cudaError_t error = cudaMallocFromPoolAsync(&ptr_, bytes, pool(fn), stream);
+    if (error != cudaSuccess) cuda_failure(fn, "cannot allocate scratch memory", error);
+  }
+  ~Scratch() {
+    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  template <class X> X* as(std::size_t offset_elements = 0) const {
+    return static_cast<X*>(ptr_) + offset_elements;
+  }
+
+ private:
+  static cudaMemPool_t pool(const char* fn) {
+    static std::mutex mutex;  // the bindings release the GIL
+    static std::vector<cudaMemPool_t> pools;
+    int device = 0;
+    cudaError_t error = cudaGetDevice(&device);
+    if (error != cudaSuccess) cuda_failure(fn, "cudaGetDevice failed", error);
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (pools.size() <= static_cast<std::size_t>(device)) pools.resize(device + 1, nullptr);
+    if (pools[device] == nullptr) {
+      cudaMemPoolProps props{};
+      props.allocType = cudaMemAllocationTypePinned;
+      props.location.type = cudaMemLocationTypeDevice;
+      props.location.id = device;
+      cudaMemPool_t created = nullptr;
+      error = cudaMemPoolCreate(&created, &props);
+      if (error != cudaSuccess) cuda_failure(fn, "cannot create the scratch memory pool", error);
+      std::uint64_t keep = UINT64_MAX;
+      cudaMemPoolSetAttribute(created, cudaMemPoolAttrReleaseThreshold, &keep);
+      pools[device] = created;
+    }
+    return pools[device];
+  }
+
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
 
 }  // namespace pk::cuda
