@@ -20,7 +20,7 @@ EXTRAS = {
     "triton": (("triton",), "the Triton kernels on GPUs (--backend triton, auto's choice on CUDA)"),
     "generate": (("diffusers", "transformers"), "LAPT's image generation (promptkit collect --generate MODEL)"),
 }
-# the open_clip towers each rule of promptkit.clip.prompts.LENGTH_RULES applies to
+# the open_clip towers each rule of promptkit.clip.text.LENGTH_RULES applies to
 TOWER_RULES = {
     "causal": "CLIP, EVA, MetaCLIP, DFN (causal, pooled at [EOS])",
     "padding-mask": "CoCa, Hugging Face towers, use_pad_mask TextTransformers",

@@ -21,7 +21,8 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,12 +34,12 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from torch import nn
 
 from promptkit.assets import MODEL_CONFIG, MODEL_NAME, MODEL_WEIGHTS
-from promptkit.errors import ConfigError, UserError
+from promptkit.clip.errors import ModelLoadError
+from promptkit.clip.text import TextEncoder
+from promptkit.errors import ConfigError
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from promptkit.clip.prompts import TextEncoder
 
 EMBEDDED_NAME = MODEL_NAME
 EMBEDDED_CONFIG = MODEL_CONFIG
@@ -50,10 +51,6 @@ _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 _CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what open_clip.add_model_config registers
 _WARNED: set[str] = set()  # weights files whose QuickGELU warning was shown
 _EXPLICIT = "set explicitly (--quick-gelu)"
-
-
-class ModelLoadError(UserError, ValueError):
-    """A model or its weights could not be loaded; the message names the model or file and what to do."""
 
 
 @dataclass(eq=False)
@@ -88,7 +85,6 @@ class ClipModel:
     precision: str = "fp32"
     quick_gelu: bool = False
     quick_gelu_from: str = ""
-    _text_encoder: TextEncoder | None = field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -105,16 +101,13 @@ class ClipModel:
         """Number of token positions of the text tower (77 for OpenAI CLIP)."""
         return self.text_encoder.context_length
 
-    @property
+    @cached_property
     def text_encoder(self) -> TextEncoder:
-        """The frozen text tower as a :class:`~promptkit.clip.prompts.TextEncoder` (built once, truncating)."""
+        """The frozen text tower as a truncating :class:`~promptkit.clip.text.TextEncoder`, built on first use;
+        ``del clip.text_encoder`` rebuilds it on the next use (after a change to the tower's settings)."""
         if not self.has_text_tower:
             raise ModelLoadError(f"model {self.name!r} was loaded without its text tower (text_tower=False)")
-        if self._text_encoder is None:
-            from promptkit.clip.prompts import TextEncoder  # prompts.py builds on this module
-
-            self._text_encoder = TextEncoder(self)
-        return self._text_encoder
+        return TextEncoder(self)
 
     def describe(self) -> dict[str, Any]:
         """The model as ``prompts.json`` records it: name, weights, fingerprint, activation and text tower."""
@@ -143,7 +136,7 @@ class ClipModel:
         """Raw (not normalised) text features of whole sentences, computed in batches.
 
         Texts are grouped by token length so that each batch runs on the shortest context that holds it
-        (exact: see :class:`~promptkit.clip.prompts.TextEncoder`); texts longer than the context are cut
+        (exact: see :class:`~promptkit.clip.text.TextEncoder`); texts longer than the context are cut
         the way open_clip's tokenizer cuts them.
 
         Args:
@@ -287,10 +280,8 @@ def load_clip(
         quick_gelu=source.quick_gelu,
         quick_gelu_from=source.quick_gelu_from,
     )
-    if text_tower:  # built now: a tower that cannot take learned context fails before the weights are read
-        from promptkit.clip.prompts import TextEncoder  # prompts.py builds on this module
-
-        clip._text_encoder = TextEncoder(clip)
+    if text_tower:
+        _ = clip.text_encoder  # built now: a tower that cannot take learned context fails before the weights are read
     if image_only is None and source.path is not None:
         _load_weights(model, label, source.path)
     if not text_tower and image_only is None:

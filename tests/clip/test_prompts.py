@@ -199,3 +199,35 @@ def test_conditional_prompts_shift_the_context_per_image(tiny):
     torch.nn.init.zeros_(learner.meta_net[-1].bias)
     plain = learner.prompts()[0]
     torch.testing.assert_close(learner(images), plain.expand(5, -1, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_embeddings_put_the_given_contexts_between_the_frozen_tokens(tiny: ClipModel) -> None:
+    """Both learners assemble prompts with prompt_embeddings: the context slots hold the given vectors, the other
+    positions the word embeddings of the tokenised prompt, up to the positions the tower runs."""
+    torch.manual_seed(0)
+    learner = PromptLearner(tiny, ["t-shirt", "bag", "ankle boot"], n_ctx=3, n_sets=2, class_specific=True)
+    ctx = torch.randn(4, 2, 3, learner.encoder.width)
+    embeddings, eot, length = learner.prompt_embeddings(ctx, classes=[2, 0])
+    assert embeddings.shape == (8, length, learner.encoder.width) and length == int(learner.eot_index.max()) + 1
+    assert torch.equal(eot, learner.eot_index[[2, 0]].repeat(4))
+    start = learner.ctx_start
+    assert torch.equal(embeddings[:, start : start + 3], ctx.reshape(8, 3, -1))
+    with torch.no_grad():
+        words = learner.encoder.embed(learner.tokens[[2, 0]])[:, :length].repeat(4, 1, 1)
+    others = [i for i in range(length) if not start <= i < start + 3]
+    assert torch.equal(embeddings[:, others], words[:, others])
+    # a shared context ([S, 1, n_ctx, W]) serves every class; forward is encode_context of its own contexts
+    shared = learner.prompt_embeddings(ctx[:, :1])[0].reshape(4, 3, length, -1)
+    assert torch.equal(shared[:, 0, start : start + 3], shared[:, 2, start : start + 3])
+    with torch.no_grad():
+        assert torch.equal(learner(classes=[1], sets=[1]), learner.encode_context(learner.ctx[[1]][:, [1]], [1]))
+    with pytest.raises(ValueError, match=r"expected contexts of shape \[S, 1 or 3, 3, "):
+        learner.prompt_embeddings(ctx[0])
+
+
+def test_text_encoder_is_built_once_and_rebuilt_after_del(tiny: ClipModel) -> None:
+    encoder = tiny.text_encoder
+    assert tiny.text_encoder is encoder
+    del tiny.text_encoder
+    rebuilt = tiny.text_encoder
+    assert rebuilt is not encoder and rebuilt.length_rule == encoder.length_rule

@@ -115,7 +115,7 @@ def test_coca_class_token_masks(tower_configs: dict[str, Path], correct: bool) -
     """open_clip's CoCa builds the legacy (shifted) mask; a tower with correct_cls_mask is exact too."""
     clip = _fp64(tower_configs["pk-coca"])
     clip.model.text.correct_cls_mask = correct
-    clip._text_encoder = None  # rebuilt for the changed tower
+    del clip.text_encoder  # rebuilt for the changed tower
     learner = PromptLearner(clip, NAMES, ctx_init="a photo of a")
     assert learner.encoder.shifted_cls_mask is not correct
     expected = _encode_text(clip, [f"a photo of a {name}." for name in NAMES])
@@ -133,7 +133,7 @@ def test_padding_mask_tower_is_truncated_exactly(tower_configs: dict[str, Path])
     """A bidirectional TextTransformer with use_pad_mask (padding masked out of attention) can be cut."""
     clip = _fp64(tower_configs["pk-bidirectional"])
     clip.model.text.use_pad_mask = True
-    clip._text_encoder = None
+    del clip.text_encoder
     learner = PromptLearner(clip, NAMES, ctx_init="a photo of a")
     assert learner.encoder.length_rule == "padding-mask" and learner.encoder.truncate
     assert _positions_run(learner.encoder, learner) == [int(learner.eot_index.max()) + 1]
