@@ -5,6 +5,10 @@
 
 #include <cstdint>
 
+#include "common/defs.h"
+#include "common/ortho.h"
+#include "common/rows.h"
+#include "common/xent.h"
 #include "cpu/kernels.h"
 #if PROMPTKIT_WITH_CUDA
 #include "cuda/kernels.h"
@@ -33,6 +37,25 @@ py::dict build_info() {
   return info;
 }
 
+// The C++ side of the kernel constants, compared with promptkit/abi.py by tests/ops/test_abi.py.
+py::dict abi_constants() {
+  py::dict codes;
+  codes["float32"] = int(pk::kFloat32);
+  codes["float64"] = int(pk::kFloat64);
+  codes["float16"] = int(pk::kFloat16);
+  codes["bfloat16"] = int(pk::kBFloat16);
+  py::dict constants;
+  constants["XENT_INDEX"] = int(pk::kXentIndex);
+  constants["XENT_UNIFORM"] = int(pk::kXentUniform);
+  constants["XENT_DENSE"] = int(pk::kXentDense);
+  constants["XENT_MULTILABEL"] = int(pk::kXentMultilabel);
+  constants["ORTHO_ABS_SUM"] = int(pk::kOrthoAbsSum);
+  constants["ORTHO_MEAN_COS"] = int(pk::kOrthoMeanCos);
+  constants["MIX_EPS"] = pk::kMixEps;
+  constants["DTYPE_CODES"] = codes;
+  return constants;
+}
+
 void def_cpu(py::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def(
@@ -45,8 +68,9 @@ void def_cpu(py::module_& m) {
       py::arg("cos"), py::arg("B"), py::arg("N"), py::arg("seg_offsets"), py::arg("seg_scales"), py::arg("S"),
       py::arg("out_max"), py::arg("out_min"), py::arg("out_lse"), py::arg("dtype"), nogil,
       "Per-segment max, min and logsumexp of z = seg_scales[s] * cos.\n\n"
-      "cos [B, N]; seg_offsets int64 [S + 1] strictly increasing from 0 to N; seg_scales [S];\n"
-      "out_max, out_min, out_lse [B, S]. dtype 0 (float32) or 1 (float64) for all float arrays.");
+      "cos [B, N]; seg_offsets int64 [S + 1] non-decreasing from 0 to N; seg_scales [S];\n"
+      "out_max, out_min, out_lse [B, S]; an empty segment gives (-inf, +inf, -inf). dtype 0 (float32) or 1\n"
+      "(float64) for all float arrays.");
   m.def(
       "xent_fwd_cpu",
       [](Addr cos, std::int64_t B, std::int64_t N, double scale, int kind, Addr labels, Addr targets, Addr out_loss,
@@ -139,7 +163,7 @@ void def_cuda(py::module_& m) {
       py::arg("seg_scales"), py::arg("S"), py::arg("out_max"), py::arg("out_min"), py::arg("out_lse"),
       py::arg("dtype"), py::arg("stream"), nogil,
       (std::string("segment_stats_cpu on cos = img @ txt^T computed in tiles (never stored). seg_offsets is not "
-                   "checked on the device: pass 0 = o_0 < ... < o_S = N. ") + dtypes).c_str());
+                   "checked on the device: pass 0 = o_0 <= ... <= o_S = N. ") + dtypes).c_str());
   m.def(
       "xent_fwd_cuda",
       [](Addr img, Addr txt, std::int64_t B, std::int64_t N, std::int64_t D, double scale, int kind, Addr labels,
@@ -211,6 +235,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info,
         "What this build contains: version, openmp, openmp_threads, cuda, cuda_version, cuda_archs, compiler, "
         "why_no_cuda.");
+  m.def("abi", &abi_constants,
+        "The kernel constants as the C++ headers define them (their source: promptkit/abi.py).");
   def_cpu(m);
 #if PROMPTKIT_WITH_CUDA
   def_cuda(m);

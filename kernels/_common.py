@@ -1,4 +1,4 @@
-"""Shared host helpers (dtype rules, tile sizes, launches, checks) and device helpers (cosine tiles, NaN-aware
+"""Shared host helpers (dtype rules, tile sizes, launches) and device helpers (cosine tiles, NaN-aware
 reductions)."""
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 # The interpreter pays per program, not per element, so it gets one big tile; tests lower this to exercise
 # the tile loops (online logsumexp across column tiles, several feature-dim chunks).
 INTERPRET_MAX_TILE = 128
@@ -29,38 +26,6 @@ def interpreting() -> bool:
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
     """The accumulation (and output) dtype for an input dtype: fp64 for fp64, fp32 otherwise."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def check_float(fn: str, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Validate a floating tensor argument and return it contiguous."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise ValueError(f"{fn}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{fn}: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    return t.contiguous()
-
-
-def check_same(fn: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor,
-               shape: tuple[int, ...] | None = None, same_dtype: bool = True) -> None:
-    """Require ``t`` to live on ``ref``'s device, optionally with ``ref``'s dtype and a given shape."""
-    if t.device != ref.device:
-        raise ValueError(f"{fn}: {name} is on {t.device} but {ref_name} is on {ref.device}")
-    if same_dtype and t.dtype != ref.dtype:
-        raise ValueError(f"{fn}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
-
-
-def check_features(fn: str, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate an (img [B,D], txt [N,D]) pair and return both contiguous."""
-    img = check_float(fn, "img", img, 2)
-    txt = check_float(fn, "txt", txt, 2)
-    check_same(fn, "img", img, "txt", txt)
-    if img.shape[1] != txt.shape[1]:
-        raise ValueError(f"{fn}: img is {tuple(img.shape)} and txt is {tuple(txt.shape)}: feature dims differ")
-    return img, txt
 
 
 def scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -182,19 +147,6 @@ def constants_on(values: Sequence, dtype: torch.dtype, device: torch.device) -> 
     The result is shared between calls: read it, never write to it.
     """
     return _on_device(tuple(values), dtype, torch.device(device))
-
-
-def check_labels(fn: str, labels: torch.Tensor, N: int) -> None:
-    """Class indices must lie in [0, N): a ValueError on the CPU; on a GPU an asynchronous device assert (torch's
-    own rule for out-of-range targets), since reading the values back would stall the host every call."""
-    if labels.numel() == 0:
-        return
-    in_range = ((labels >= 0) & (labels < N)).all()
-    if labels.device.type != "cpu":
-        torch._assert_async(in_range, f"{fn}: labels must lie in [0, {N})")
-    elif not bool(in_range):
-        raise ValueError(f"{fn}: labels must lie in [0, {N}), got values in [{int(labels.min())}, "
-                         f"{int(labels.max())}]")
 
 
 @triton.jit

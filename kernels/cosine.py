@@ -6,8 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Launch, acc_dtype, check_features, cos_tile, dot_precision, dot_tiles, launch, scalar,
-                      upcast_dot)
+from ._common import Launch, acc_dtype, cos_tile, dot_precision, dot_tiles, launch, scalar, upcast_dot
 
 
 @triton.jit
@@ -46,7 +45,7 @@ def cosine(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.Tensor:
     Returns:
         [B, N] logits in the accumulation dtype (fp64 for fp64 inputs, fp32 otherwise).
     """
-    img, txt = check_features("cosine", img, txt)
+    img, txt = img.contiguous(), txt.contiguous()
     (B, D), N = img.shape, txt.shape[0]
     acc = acc_dtype(img)
     out = torch.empty((B, N), dtype=acc, device=img.device)

@@ -6,11 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Launch, acc_dtype, check_float, cos_tile, dot_precision, gram_tiles, launch, scalar,
-                      upcast_dot)
+from promptkit.abi import ORTHO_ABS_SUM, ORTHO_MEAN_COS
 
-ORTHO_ABS_SUM = 0  # sum_c sum_{i<j} |<yn_ci, yn_cj>|
-ORTHO_MEAN_COS = 1  # mean over c and i != j of <yn_ci, yn_cj>
+from ._common import Launch, acc_dtype, cos_tile, dot_precision, gram_tiles, launch, scalar, upcast_dot
+
+_ABS_SUM = tl.constexpr(ORTHO_ABS_SUM)  # kernels read module globals only as constexpr
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _ortho_fwd_kernel(yn_ptr, part_ptr, K, D, MODE: tl.constexpr, BLOCK_K: tl.co
         j_mask = kj < K
         gram = cos_tile(yc, yc, ki, kj, i_mask, j_mask, D, BLOCK_K, BLOCK_K, BLOCK_D, ACC, UPCAST, PRECISION)
         pairs = (ki[:, None] < kj[None, :]) & i_mask[:, None] & j_mask[None, :]
-        term = tl.abs(gram) if MODE == 0 else 2.0 * gram
+        term = tl.abs(gram) if MODE == _ABS_SUM else 2.0 * gram
         part += tl.sum(tl.where(pairs, term, 0.0), 1)
     tl.store(part_ptr + tl.program_id(0), tl.sum(part, 0))
 
@@ -57,7 +57,7 @@ def _ortho_bwd_kernel(yn_ptr, coef_ptr, dyn_ptr, K, D, MODE: tl.constexpr, BLOCK
         kj = j0 + tl.arange(0, BLOCK_K)
         j_mask = kj < K
         pairs = (ki[:, None] != kj[None, :]) & i_mask[:, None] & j_mask[None, :]
-        if MODE == 0:
+        if MODE == _ABS_SUM:
             gram = cos_tile(yc, yc, ki, kj, i_mask, j_mask, D, BLOCK_K, BLOCK_K, BLOCK_D, ACC, UPCAST, PRECISION)
             # sign as torch.sign (0 and NaN give 0); a NaN row of yn still reaches dyn through the product below
             weight = tl.where(pairs, tl.where(gram > 0, 1.0, tl.where(gram < 0, -1.0, 0.0)), 0.0)
@@ -89,13 +89,6 @@ def ortho_launch(C: int, K: int, D: int, dtype: torch.dtype, mode: int) -> Launc
                   dict(MODE=mode, BLOCK_K=bk, BLOCK_D=bd, UPCAST=upcast_dot(dtype), PRECISION=dot_precision(dtype)))
 
 
-def _check(fn: str, yn: torch.Tensor, mode: int) -> torch.Tensor:
-    yn = check_float(fn, "yn", yn, 3)
-    if mode not in (ORTHO_ABS_SUM, ORTHO_MEAN_COS):
-        raise ValueError(f"{fn}: mode must be 0 (abs_sum) or 1 (mean_cos), got {mode}")
-    return yn
-
-
 def ortho_fwd(yn: torch.Tensor, mode: int) -> torch.Tensor:
     """Orthogonality penalty of unit prompt embeddings, per class over its K rows.
 
@@ -109,7 +102,7 @@ def ortho_fwd(yn: torch.Tensor, mode: int) -> torch.Tensor:
     Returns:
         0-dim tensor in the accumulation dtype.
     """
-    yn = _check("ortho_fwd", yn, mode)
+    yn = yn.contiguous()
     C, K, D = yn.shape
     acc = acc_dtype(yn)
     if C == 0 or K < 2:
@@ -136,7 +129,7 @@ def ortho_bwd(yn: torch.Tensor, mode: int, grad: float) -> torch.Tensor:
     Returns:
         dyn [C, K, D] in the accumulation dtype.
     """
-    yn = _check("ortho_bwd", yn, mode)
+    yn = yn.contiguous()
     C, K, D = yn.shape
     acc = acc_dtype(yn)
     if C == 0 or K < 2:

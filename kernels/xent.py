@@ -7,15 +7,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Launch, acc_dtype, check_features, check_float, check_labels, check_same, cos_tile,
-                      dot_precision, dot_tiles, launch, online_lse_step, scalar, upcast_dot)
+from promptkit.abi import XENT_INDEX, XENT_MULTILABEL, XENT_UNIFORM
 
-XENT_INDEX = 0  # w[b, n] = 1 if n == labels[b]
-XENT_UNIFORM = 1  # w[b, n] = 1 / N
-XENT_DENSE = 2  # w = targets [B, N]
-XENT_MULTILABEL = 3  # multi-label soft margin, y[b, n] = 1 if n // group == labels[b]
-_KINDS = (XENT_INDEX, XENT_UNIFORM, XENT_DENSE, XENT_MULTILABEL)
-_LABELLED = (XENT_INDEX, XENT_MULTILABEL)
+from ._common import (Launch, acc_dtype, cos_tile, dot_precision, dot_tiles, launch, online_lse_step, scalar,
+                      upcast_dot)
+
+# The kinds as the kernels read them: module globals only as constexpr
+_INDEX = tl.constexpr(XENT_INDEX)
+_UNIFORM = tl.constexpr(XENT_UNIFORM)
+_MULTILABEL = tl.constexpr(XENT_MULTILABEL)
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _xent_fwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, loss_
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     scale = tl.load(scale_ptr)
-    if KIND == 0 or KIND == 3:
+    if KIND == _INDEX or KIND == _MULTILABEL:
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     run_max = tl.full((BLOCK_B,), float("-inf"), ACC)
     total = tl.zeros((BLOCK_B,), ACC)
@@ -54,31 +54,31 @@ def _xent_fwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, loss_
         col_mask = cols < N
         z = scale * cos_tile(img_ptr, txt_ptr, rows, cols, row_mask, col_mask, D,
                              BLOCK_B, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
-        if KIND != 3:
+        if KIND != _MULTILABEL:
             run_max, total = online_lse_step(run_max, total, tl.where(col_mask[None, :], z, float("-inf")))
         z = tl.where(col_mask[None, :], z, 0.0)
-        if KIND == 3:
+        if KIND == _MULTILABEL:
             # softplus(z) - y z = softplus(-z) where y = 1: no cancellation
             in_group = (cols[None, :] // GROUP) == labels[:, None]
             terms = _softplus(tl.where(in_group, -z, z))
             weighted += tl.sum(tl.where(col_mask[None, :], terms, 0.0), 1)
-        elif KIND == 0:
+        elif KIND == _INDEX:
             weighted += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
-        elif KIND == 1:
+        elif KIND == _UNIFORM:
             weighted += tl.sum(z, 1)
         else:
             w_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
             w = tl.load(targets_ptr + w_offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(ACC)
             weighted += tl.sum(w * z, 1)
             mass += tl.sum(w, 1)
-    if KIND == 3:
+    if KIND == _MULTILABEL:
         lse = tl.zeros((BLOCK_B,), ACC)  # the multilabel backward needs no row statistic
         loss = weighted / tl.cast(N, ACC)
     else:
         lse = run_max + tl.log(total)
-        if KIND == 0:
+        if KIND == _INDEX:
             loss = lse - weighted
-        elif KIND == 1:
+        elif KIND == _UNIFORM:
             loss = lse - weighted / tl.cast(N, ACC)
         else:
             loss = mass * lse - weighted
@@ -103,7 +103,7 @@ def _xent_bwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, mass_
                          BLOCK_B, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
     grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    if KIND == 3:
+    if KIND == _MULTILABEL:
         # sigmoid(z) - y = s * sigmoid(s z) with s = 1 - 2 y, exact for large |z| on either side
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
         sign = tl.where((cols[None, :] // GROUP) == labels[:, None], -1.0, 1.0)
@@ -111,10 +111,10 @@ def _xent_bwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, mass_
     else:
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(ACC)
         prob = tl.exp(z - lse[:, None])
-        if KIND == 0:
+        if KIND == _INDEX:
             labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
             d = prob - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
-        elif KIND == 1:
+        elif KIND == _UNIFORM:
             d = prob - 1.0 / tl.cast(N, ACC)
         else:
             w = tl.load(targets_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -123,33 +123,8 @@ def _xent_bwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, mass_
     tl.store(dcos_ptr + offs, (grad * scale)[:, None] * d, mask=mask)
 
 
-def _check_weights(fn: str, img: torch.Tensor, N: int, kind: int, labels: torch.Tensor | None,
-                   targets: torch.Tensor | None, group: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Validate the target arguments for ``kind`` and return them contiguous."""
-    B = img.shape[0]
-    if kind not in _KINDS:
-        raise ValueError(f"{fn}: kind must be 0 (index), 1 (uniform), 2 (dense) or 3 (multilabel), got {kind}")
-    if N == 0:
-        raise ValueError(f"{fn}: txt has no rows: cross-entropy needs at least one class")
-    if not isinstance(group, int) or group < 1:
-        raise ValueError(f"{fn}: group must be an int >= 1, got {group!r}")
-    if kind == XENT_MULTILABEL and N % group:
-        raise ValueError(f"{fn}: N = {N} is not a multiple of group = {group}")
-    if (labels is not None) != (kind in _LABELLED) or (targets is not None) != (kind == XENT_DENSE):
-        wanted = ("labels", "neither labels nor targets", "targets", "labels")[kind]
-        given = [name for name, t in (("labels", labels), ("targets", targets)) if t is not None]
-        raise ValueError(f"{fn}: kind {kind} takes {wanted}, got {' and '.join(given) or 'neither'}")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{fn}: labels must be an int64 or int32 tensor")
-        check_same(fn, "img", img, "labels", labels, shape=(B,), same_dtype=False)
-        classes = N if kind == XENT_INDEX else N // group  # multilabel labels name a group of columns
-        check_labels(fn, labels, classes)
-        labels = labels.contiguous()
-    if targets is not None:
-        targets = check_float(fn, "targets", targets, 2)
-        check_same(fn, "img", img, "targets", targets, shape=(B, N), same_dtype=False)
-    return labels, targets
+def _contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def xent_launch(B: int, N: int, D: int, dtype: torch.dtype, kind: int, backward: bool) -> Launch:
@@ -188,9 +163,8 @@ def xent_fwd(img: torch.Tensor, txt: torch.Tensor, scale: float, kind: int, labe
         (loss [B], lse [B]) in the accumulation dtype; lse is what xent_bwd needs (zeros for kind 3, whose
         backward needs no row statistic).
     """
-    img, txt = check_features("xent_fwd", img, txt)
+    img, txt, labels, targets = _contiguous(img, txt, labels, targets)
     (B, D), N = img.shape, txt.shape[0]
-    labels, targets = _check_weights("xent_fwd", img, N, kind, labels, targets, group)
     acc = acc_dtype(img)
     loss = torch.empty(B, dtype=acc, device=img.device)
     lse = torch.empty(B, dtype=acc, device=img.device)
@@ -219,13 +193,9 @@ def xent_bwd(img: torch.Tensor, txt: torch.Tensor, scale: float, kind: int, labe
     Returns:
         dcos [B, N] in the accumulation dtype.
     """
-    img, txt = check_features("xent_bwd", img, txt)
+    img, txt, labels, targets = _contiguous(img, txt, labels, targets)
+    lse, grad_loss = lse.contiguous(), grad_loss.contiguous()
     (B, D), N = img.shape, txt.shape[0]
-    labels, targets = _check_weights("xent_bwd", img, N, kind, labels, targets, group)
-    lse = check_float("xent_bwd", "lse", lse, 1)
-    grad_loss = check_float("xent_bwd", "grad_loss", grad_loss, 1)
-    check_same("xent_bwd", "img", img, "lse", lse, shape=(B,), same_dtype=False)
-    check_same("xent_bwd", "img", img, "grad_loss", grad_loss, shape=(B,), same_dtype=False)
     acc = acc_dtype(img)
     dcos = torch.empty((B, N), dtype=acc, device=img.device)
     if B == 0:

@@ -14,7 +14,9 @@
 
 namespace pk {
 
-// dtype codes passed from Python (promptkit/ops/_kernels.py).
+// The kernel constants are defined once, in promptkit/abi.py; the C++ headers mirror them: the dtype codes
+// here, the xent kinds (XentKind) in xent.h, the ortho modes (OrthoMode) in ortho.h and kMixEps in rows.h.
+// promptkit._C.abi() (bindings.cpp) exports the mirror and tests/ops/test_abi.py fails when it differs.
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Accumulation ("acc") type: fp64 for fp64 inputs, fp32 for everything else (fp32, fp16, bf16).

@@ -55,4 +55,22 @@ template <class A> PK_HD void segment_finish(LseState<A> st, A min, A* out_max, 
   *out_lse = lse_value(st);
 }
 
+// A segment's running state when its columns arrive in pieces (GPU column chunks): the online max / sum-exp and
+// the min. min skips NaNs as max does; segment_finish turns a NaN sum into NaN outputs.
+template <class A> struct SegmentState {
+  LseState<A> lse;
+  A min;
+};
+
+template <class A> PK_HD SegmentState<A> segment_empty() { return {lse_empty<A>(), infinity<A>()}; }
+
+template <class A> PK_HD void segment_push(SegmentState<A>& st, A z) {
+  lse_push(st.lse, z);
+  st.min = z < st.min ? z : st.min;
+}
+
+template <class A> PK_HD SegmentState<A> segment_merge(SegmentState<A> a, SegmentState<A> b) {
+  return {lse_merge(a.lse, b.lse), b.min < a.min ? b.min : a.min};
+}
+
 }  // namespace pk

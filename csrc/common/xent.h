@@ -61,6 +61,12 @@ template <class A> PK_HD XentState<A> xent_merge(XentState<A> a, XentState<A> b)
 // loss_b from a row's final state and its mass a_b.
 template <class A> PK_HD A xent_loss(A mass, XentState<A> st) { return mass * log_acc(st.lse.sum) - st.weighted; }
 
+// Row b's outputs from its final (merged) state: lse_b, and loss_b, NaN where the row's label was out of range.
+template <int KIND, class A> PK_HD void xent_finish(XentState<A> st, bool bad_label, A* out_loss, A* out_lse) {
+  *out_lse = lse_value(st.lse);
+  *out_loss = bad_label ? quiet_nan<A>() : xent_loss(xent_mass<KIND>(st.weight), st);
+}
+
 // d loss_b / d cos_bn, with grad_scale = grad_b * scale and prob = exp(z_bn - lse_b).
 template <class A> PK_HD A xent_dcos(A grad_scale, A mass, A prob, A w) { return grad_scale * (mass * prob - w); }
 
@@ -146,6 +152,11 @@ template <class A> PK_HD A multilabel_sign(std::int64_t n, GroupCols cols) {
 
 // softplus(z) - y z, the row sum of which divided by N is loss_b.
 template <class A> PK_HD A multilabel_term(A z, A sign) { return softplus(sign * z); }
+
+// loss_b from the row sum of multilabel_term over its N columns; NaN where the row's label was out of range.
+template <class A> PK_HD A multilabel_loss(A term_sum, std::int64_t N, bool bad_label) {
+  return bad_label ? quiet_nan<A>() : term_sum / A(N);
+}
 
 // d loss_b / d cos_bn with grad_scale = grad_b * scale / N.
 template <class A> PK_HD A multilabel_dcos(A grad_scale, A z, A sign) { return grad_scale * sign * sigmoid(sign * z); }

@@ -1,4 +1,8 @@
-"""Input validation shared by the public ops: every problem is one ValueError naming the argument."""
+"""Input validation shared by the public ops: every problem is one ValueError naming the argument.
+
+This is the one place the user's inputs are checked: the primitives (``_primitives``) and the kernels behind them
+trust their arguments. The compiled kernels keep only the checks that protect memory (csrc/common/checks.h).
+"""
 
 from __future__ import annotations
 

@@ -6,15 +6,15 @@ import torch
 from torch import Tensor
 
 from promptkit.ops import _checks, reference
-from promptkit.ops._kernels import kernels
+from promptkit.ops._primitives import primitives
 
 
 @torch.library.custom_op("promptkit::cosine_logits", mutates_args=())
 def _cosine_logits(image: Tensor, text: Tensor, scale: float, backend: str) -> Tensor:
-    k = kernels(backend)
-    unit_image, _ = k.l2norm(image)
-    unit_text, _ = k.l2norm(text)
-    return k.cosine(unit_image, unit_text, scale).to(image.dtype)
+    prim = primitives(backend)
+    unit_image, _ = prim.l2norm(image)
+    unit_text, _ = prim.l2norm(text)
+    return prim.cosine(unit_image, unit_text, scale).to(image.dtype)
 
 
 @_cosine_logits.register_fake
@@ -26,13 +26,13 @@ def _(image, text, scale, backend):
 def _cosine_logits_backward(
     grad: Tensor, image: Tensor, text: Tensor, scale: float, need_image: bool, need_text: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
-    k = kernels(backend)
-    unit_image, inv_image = k.l2norm(image)
-    unit_text, inv_text = k.l2norm(text)
+    prim = primitives(backend)
+    unit_image, inv_image = prim.l2norm(image)
+    unit_text, inv_text = prim.l2norm(text)
     grad = grad.to(unit_image.dtype) * scale
     # An input that needs no gradient gets an empty tensor (custom ops cannot return None) and costs no product.
-    d_image = k.l2norm_backward(grad @ unit_text, unit_image, inv_image).to(image.dtype) if need_image else None
-    d_text = k.l2norm_backward(grad.T @ unit_image, unit_text, inv_text).to(text.dtype) if need_text else None
+    d_image = prim.l2norm_backward(grad @ unit_text, unit_image, inv_image).to(image.dtype) if need_image else None
+    d_text = prim.l2norm_backward(grad.T @ unit_image, unit_text, inv_text).to(text.dtype) if need_text else None
     return (image.new_empty(0) if d_image is None else d_image, text.new_empty(0) if d_text is None else d_text)
 
 

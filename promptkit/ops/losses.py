@@ -3,7 +3,7 @@
 The cross-entropy parts run on the fused ``xent`` primitive: the forward keeps one logsumexp per row and the
 backward rebuilds the gradient of the logits from it, so the [B, N] probabilities are never stored. The GPU
 backends also recompute the cosines in the backward; the cpp backend keeps the cosines its BLAS product made
-(see ``_kernels.saved_shape``).
+(see ``_primitives.saved_shape``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from promptkit.ops import _checks, reference
-from promptkit.ops._kernels import (XENT_DENSE, XENT_INDEX, XENT_MULTILABEL, XENT_UNIFORM, acc_dtype, kernels,
-                                     saved_shape)
+from promptkit.ops._primitives import acc_dtype, primitives, saved_shape
+from promptkit.abi import XENT_DENSE, XENT_INDEX, XENT_MULTILABEL, XENT_UNIFORM
 
 
 def _no_grad(like: Tensor) -> Tensor:
@@ -21,11 +21,11 @@ def _no_grad(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, saved, grad_rows, need_image,
+def _xent_unit_grads(prim, unit_image, unit_text, scale, kind, labels, targets, lse, saved, grad_rows, need_image,
                      need_text, group=1):
     """Gradients of sum_b grad_rows[b] * loss_b with respect to the unit image and text rows (None where not
     needed: each is one [B, N] x [N or B, D] product, the cost of the backward)."""
-    dcos = k.xent_backward(unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows, saved, group)
+    dcos = prim.xent_backward(unit_image, unit_text, scale, kind, labels, targets, lse, grad_rows, saved, group)
     return (dcos @ unit_text.to(dcos.dtype) if need_image else None,
             dcos.T @ unit_image.to(dcos.dtype) if need_text else None)
 
@@ -43,10 +43,10 @@ def _fake_loss(image: Tensor, columns: int, backend: str) -> tuple[Tensor, Tenso
 @torch.library.custom_op("promptkit::xent_loss", mutates_args=())
 def _xent_loss(image: Tensor, text: Tensor, scale: float, kind: int, labels: Tensor | None,
                targets: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    k = kernels(backend)
-    unit_image, _ = k.l2norm(image)
-    unit_text, _ = k.l2norm(text)
-    rows, lse, saved = k.xent(unit_image, unit_text, scale, kind, labels, targets)
+    prim = primitives(backend)
+    unit_image, _ = prim.l2norm(image)
+    unit_text, _ = prim.l2norm(text)
+    rows, lse, saved = prim.xent(unit_image, unit_text, scale, kind, labels, targets)
     return rows.mean().to(image.dtype), lse, saved
 
 
@@ -54,14 +54,14 @@ def _xent_loss(image: Tensor, text: Tensor, scale: float, kind: int, labels: Ten
 def _xent_loss_backward(grad: Tensor, image: Tensor, text: Tensor, scale: float, kind: int, labels: Tensor | None,
                         targets: Tensor | None, lse: Tensor, saved: Tensor, need_image: bool, need_text: bool,
                         backend: str) -> tuple[Tensor, Tensor]:
-    k = kernels(backend)
-    unit_image, inv_image = k.l2norm(image)
-    unit_text, inv_text = k.l2norm(text)
+    prim = primitives(backend)
+    unit_image, inv_image = prim.l2norm(image)
+    unit_text, inv_text = prim.l2norm(text)
     grad_rows = (grad / image.shape[0]).to(lse.dtype).expand(image.shape[0])
-    d_image, d_text = _xent_unit_grads(k, unit_image, unit_text, scale, kind, labels, targets, lse, saved,
+    d_image, d_text = _xent_unit_grads(prim, unit_image, unit_text, scale, kind, labels, targets, lse, saved,
                                        grad_rows, need_image, need_text)
-    return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype) if need_image else _no_grad(image),
-            k.l2norm_backward(d_text, unit_text, inv_text).to(text.dtype) if need_text else _no_grad(text))
+    return (prim.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype) if need_image else _no_grad(image),
+            prim.l2norm_backward(d_text, unit_text, inv_text).to(text.dtype) if need_text else _no_grad(text))
 
 
 @_xent_loss.register_fake
@@ -124,20 +124,20 @@ def _npd_value(mean_cos: Tensor, nis: str, npd: str) -> Tensor:
 def _negprompt_loss(image: Tensor, pos_text: Tensor, neg_text: Tensor, labels: Tensor | None, beta: float,
                     gamma: float, temperature: float, nis: str, npd: str, nnd: str,
                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    k = kernels(backend)
+    prim = primitives(backend)
     C, p, D = neg_text.shape
-    unit_image, _ = k.l2norm(image)
-    unit_neg, _ = k.l2norm(neg_text.reshape(C * p, D))
-    unit_pos, _ = k.l2norm(pos_text)
+    unit_image, _ = prim.l2norm(image)
+    unit_neg, _ = prim.l2norm(neg_text.reshape(C * p, D))
+    unit_pos, _ = prim.l2norm(pos_text)
     unit_neg = unit_neg.reshape(C, p, D)
-    nis_rows, lse, saved = k.xent(unit_image, _nis_text(unit_pos, unit_neg, nis), 1.0 / temperature,
+    nis_rows, lse, saved = prim.xent(unit_image, _nis_text(unit_pos, unit_neg, nis), 1.0 / temperature,
                                   _NIS_KINDS[nis], labels if nis == "msp" else None, None, 1 + p)
     neg_acc, pos_acc = unit_neg.to(lse.dtype), unit_pos.to(lse.dtype)
     l_npd = _npd_value((neg_acc * pos_acc[:, None, :]).sum(dim=-1).mean(), nis, npd)
     if nnd == "mean":
         l_nnd = (neg_acc.mean(dim=1).norm(dim=-1) - 1).mean()
     else:
-        l_nnd = k.ortho(unit_neg, "mean_cos").to(lse.dtype)
+        l_nnd = prim.ortho(unit_neg, "mean_cos").to(lse.dtype)
     loss = nis_rows.mean() + beta * l_npd + gamma * l_nnd
     return loss.to(image.dtype), lse, saved
 
@@ -146,14 +146,14 @@ def _negprompt_loss(image: Tensor, pos_text: Tensor, neg_text: Tensor, labels: T
 def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_text: Tensor, labels: Tensor | None,
                              lse: Tensor, saved: Tensor, beta: float, gamma: float, temperature: float, nis: str,
                              npd: str, nnd: str, need_image: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    k = kernels(backend)
+    prim = primitives(backend)
     C, p, D = neg_text.shape
-    unit_image, inv_image = k.l2norm(image)
-    unit_neg, inv_neg = k.l2norm(neg_text.reshape(C * p, D))
-    unit_pos, inv_pos = k.l2norm(pos_text)
+    unit_image, inv_image = prim.l2norm(image)
+    unit_neg, inv_neg = prim.l2norm(neg_text.reshape(C * p, D))
+    unit_pos, inv_pos = prim.l2norm(pos_text)
     grad = grad.to(lse.dtype)
     grad_rows = (grad / image.shape[0]).expand(image.shape[0])
-    d_image, d_text = _xent_unit_grads(k, unit_image, _nis_text(unit_pos, unit_neg.reshape(C, p, D), nis),
+    d_image, d_text = _xent_unit_grads(prim, unit_image, _nis_text(unit_pos, unit_neg.reshape(C, p, D), nis),
                                        1.0 / temperature, _NIS_KINDS[nis], labels if nis == "msp" else None, None,
                                        lse, saved, grad_rows, need_image, True, group=1 + p)
     if nis == "eq4":
@@ -172,10 +172,10 @@ def _negprompt_loss_backward(grad: Tensor, image: Tensor, pos_text: Tensor, neg_
         direction = mean / mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
         d_neg = d_neg + (grad * gamma / (C * p)) * direction[:, None, :]
     else:
-        d_neg = d_neg + grad * gamma * k.ortho_backward(unit_neg.reshape(C, p, D), "mean_cos", 1.0)
-    return (k.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype) if need_image else _no_grad(image),
-            k.l2norm_backward(d_pos, unit_pos, inv_pos).to(pos_text.dtype),
-            k.l2norm_backward(d_neg.reshape(C * p, D), unit_neg, inv_neg).reshape(C, p, D).to(neg_text.dtype))
+        d_neg = d_neg + grad * gamma * prim.ortho_backward(unit_neg.reshape(C, p, D), "mean_cos", 1.0)
+    return (prim.l2norm_backward(d_image, unit_image, inv_image).to(image.dtype) if need_image else _no_grad(image),
+            prim.l2norm_backward(d_pos, unit_pos, inv_pos).to(pos_text.dtype),
+            prim.l2norm_backward(d_neg.reshape(C * p, D), unit_neg, inv_neg).reshape(C, p, D).to(neg_text.dtype))
 
 
 @_negprompt_loss.register_fake

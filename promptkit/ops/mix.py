@@ -6,12 +6,12 @@ import torch
 from torch import Tensor
 
 from promptkit.ops import _checks, reference
-from promptkit.ops._kernels import kernels
+from promptkit.ops._primitives import primitives
 
 
 @torch.library.custom_op("promptkit::mix_features", mutates_args=())
 def _mix_features(a: Tensor, b: Tensor, lam: Tensor, backend: str) -> Tensor:
-    return kernels(backend).mix(a, b, lam).to(a.dtype)
+    return primitives(backend).mix(a, b, lam).to(a.dtype)
 
 
 @_mix_features.register_fake

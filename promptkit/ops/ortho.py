@@ -5,25 +5,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from promptkit import abi
 from promptkit.ops import _checks, reference
-from promptkit.ops._kernels import ORTHO_MODES, kernels
+from promptkit.ops._primitives import primitives
 
 
 @torch.library.custom_op("promptkit::orthogonality_loss", mutates_args=())
 def _orthogonality_loss(prompts: Tensor, mode: str, backend: str) -> Tensor:
-    k = kernels(backend)
+    prim = primitives(backend)
     C, K, D = prompts.shape
-    unit, _ = k.l2norm(prompts.reshape(C * K, D))
-    return k.ortho(unit.reshape(C, K, D), mode).to(prompts.dtype)
+    unit, _ = prim.l2norm(prompts.reshape(C * K, D))
+    return prim.ortho(unit.reshape(C, K, D), mode).to(prompts.dtype)
 
 
 @torch.library.custom_op("promptkit::orthogonality_loss_backward", mutates_args=())
 def _orthogonality_loss_backward(grad: Tensor, prompts: Tensor, mode: str, backend: str) -> Tensor:
-    k = kernels(backend)
+    prim = primitives(backend)
     C, K, D = prompts.shape
-    unit, inv = k.l2norm(prompts.reshape(C * K, D))
-    d_unit = k.ortho_backward(unit.reshape(C, K, D), mode, 1.0) * grad.to(unit.dtype)
-    return k.l2norm_backward(d_unit.reshape(C * K, D), unit, inv).reshape(C, K, D).to(prompts.dtype)
+    unit, inv = prim.l2norm(prompts.reshape(C * K, D))
+    d_unit = prim.ortho_backward(unit.reshape(C, K, D), mode, 1.0) * grad.to(unit.dtype)
+    return prim.l2norm_backward(d_unit.reshape(C * K, D), unit, inv).reshape(C, K, D).to(prompts.dtype)
 
 
 @_orthogonality_loss.register_fake
@@ -57,8 +58,8 @@ def orthogonality_loss(prompts: Tensor, mode: str = "abs_sum", backend: str = "a
     mode "mean_cos" (NegPrompt Eq. 6, L_NND): mean over classes and ordered pairs i != j of cos (0 when K == 1).
     """
     _checks.features("prompts", prompts, 3)
-    if mode not in ORTHO_MODES:
-        raise ValueError(f"mode must be one of {sorted(ORTHO_MODES)}, got {mode!r}")
+    if mode not in abi.ORTHO_MODES:
+        raise ValueError(f"mode must be one of {sorted(abi.ORTHO_MODES)}, got {mode!r}")
     backend = _checks.backend_for(backend, prompts)
     if backend == "torch":
         loss = reference.orthogonality_loss(prompts, mode)

@@ -11,15 +11,15 @@ import torch
 from torch import Tensor
 
 from promptkit.ops import _checks, reference
-from promptkit.ops._kernels import kernels
+from promptkit.ops._primitives import primitives
 
 
 def _stats(image: Tensor, texts: list[Tensor], offsets: list[int], scales: list[float], backend: str):
     """Segment statistics of image [B, D] against the rows of ``texts`` ([n_i, D] each) stacked in order."""
-    k = kernels(backend)
-    unit_image, _ = k.l2norm(image)
-    unit_text, _ = k.l2norm(torch.cat(texts), overwrite=True)  # one copy of the text rows, normalised in place
-    return k.segment_stats(unit_image, unit_text, offsets, scales)
+    prim = primitives(backend)
+    unit_image, _ = prim.l2norm(image)
+    unit_text, _ = prim.l2norm(torch.cat(texts), overwrite=True)  # one copy of the text rows, normalised in place
+    return prim.segment_stats(unit_image, unit_text, offsets, scales)
 
 
 def _rows(image: Tensor) -> Tensor:

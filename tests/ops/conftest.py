@@ -4,8 +4,9 @@ Tolerance policy (one rule for all approximate math, GPU kernels, TF32 and tenso
 kernel's error against the fp64 oracle may be at most twice eager torch's own error in the same dtype on the same
 inputs, plus a per-dtype floor (``FLOOR``) scaled by the result's magnitude, for results torch computes exactly.
 This is flash-attention's rule: it follows each op's conditioning instead of a hand-tuned tolerance per test.
-``assert_matches_reference`` implements it; a test that checks a precision contract rather than approximate math
-(a gradient that must stay fp32, an identity that must hold exactly) says so and states its own bound.
+``assert_matches_reference`` implements it (``assert_matches_formula`` applies it to a formula evaluated by torch);
+a test that checks a precision contract rather than approximate math (a gradient that must stay fp32, an identity
+that must hold exactly) says so and states its own bound.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import os
 import pytest
 import torch
 
-# The raw CUDA binding tests and the ops' opcheck on CUDA need a GPU; elsewhere they are not collected (the header
-# says so).
-collect_ignore = [] if torch.cuda.is_available() else ["test_cuda_bindings.py", "test_gpu_ops.py"]
+# The ops' opcheck on CUDA needs a GPU; elsewhere it is not collected (the header says so).
+collect_ignore = [] if torch.cuda.is_available() else ["test_gpu_ops.py"]
 
 # Compiled backends tested on each device. The cpp and triton (interpreted) backends must be usable on the CPU:
 # a missing promptkit._C or triton makes these tests fail, not skip. CUDA runs wherever a GPU exists. With a GPU,
@@ -26,6 +26,7 @@ collect_ignore = [] if torch.cuda.is_available() else ["test_cuda_bindings.py", 
 CPU_BACKENDS = [("cpp", "cpu")] + ([("triton", "cpu")] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 GPU_BACKENDS = [("triton", "cuda"), ("cuda", "cuda")] if torch.cuda.is_available() else []
 ALL_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
+NO_GPU = "no GPU: the triton and cuda backends on CUDA tensors need one"
 
 # Shapes (B, C, K, D): odd sizes, singletons, and N = C * (1 + K) not a multiple of any block size.
 SHAPES = [(1, 1, 1, 7), (5, 3, 2, 7), (4, 17, 1, 16), (33, 10, 3, 64)]
@@ -50,6 +51,35 @@ def backend_params(dtypes=(torch.float32, torch.float64)):
     return params
 
 
+def primitive_params(full_cases, interpreted_cases, dtypes=(torch.float32, torch.float64),
+                     interpreted_dtypes=None):
+    """pytest params (backend, device, dtype, case) over every compiled backend, for the primitive tests.
+
+    The interpreted Triton backend gets ``interpreted_cases`` (tiny: it costs milliseconds a program) in
+    ``interpreted_dtypes`` (default: ``dtypes``); the others get ``full_cases``. The GPU backends are always listed
+    and skipped, with the reason, where no GPU exists.
+    """
+    params = []
+    for backend, device in CPU_BACKENDS + [("triton", "cuda"), ("cuda", "cuda")]:
+        interpreted = (backend, device) == ("triton", "cpu")
+        marks = [pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)] if device == "cuda" else []
+        for dtype in (interpreted_dtypes or dtypes) if interpreted else dtypes:
+            for case in interpreted_cases if interpreted else full_cases:
+                params.append(pytest.param(backend, device, dtype, case, marks=marks,
+                                           id=f"{backend}-{device}-{str(dtype)[6:]}-{case}"))
+    return params
+
+
+def _assert_error_within(out, same, truth, what):
+    """The rule: |out - truth| <= 2 |same - truth| + FLOOR[out.dtype] * max(1, |truth|), everywhere."""
+    truth = truth.double().cpu()
+    kernel_error = (out.double().cpu() - truth).abs().max().item()
+    torch_error = (same.double().cpu() - truth).abs().max().item()
+    scale = max(1.0, truth.abs().max().item())
+    allowed = 2 * torch_error + FLOOR[out.dtype] * scale
+    assert kernel_error <= allowed, f"{what}: error {kernel_error:.3g} > allowed {allowed:.3g} (torch {torch_error:.3g})"
+
+
 def assert_matches_reference(out, ref_same_dtype, ref_fp64, what="output"):
     """Kernel error against the fp64 oracle must be at most 2x torch's own error in the same dtype (plus a floor).
 
@@ -57,12 +87,22 @@ def assert_matches_reference(out, ref_same_dtype, ref_fp64, what="output"):
     """
     assert out.shape == ref_fp64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_fp64.shape)}"
     assert out.dtype == ref_same_dtype.dtype, f"{what}: dtype {out.dtype} != {ref_same_dtype.dtype}"
-    truth = ref_fp64.double().cpu()
-    kernel_error = (out.double().cpu() - truth).abs().max().item()
-    torch_error = (ref_same_dtype.double().cpu() - truth).abs().max().item()
-    scale = max(1.0, truth.abs().max().item())
-    allowed = 2 * torch_error + FLOOR[out.dtype] * scale
-    assert kernel_error <= allowed, f"{what}: error {kernel_error:.3g} > allowed {allowed:.3g} (torch {torch_error:.3g})"
+    _assert_error_within(out, ref_same_dtype, ref_fp64, what)
+
+
+def assert_matches_formula(out, formula, *inputs, what="output"):
+    """``out`` against ``formula(*inputs)`` (torch code), with the rule of ``assert_matches_reference``.
+
+    The formula runs on the CPU in fp64 (the truth) and in ``out``'s dtype (eager torch's own error) on the same
+    inputs: a kernel that reads fp16 rows and accumulates in fp32 is held to torch's fp32 error on those rows.
+    """
+    def run(dtype):
+        return formula(*(t.cpu().to(dtype) if t.is_floating_point() else t.cpu() for t in inputs))
+
+    truth = run(torch.float64)
+    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(truth).all(), f"{what}: the oracle itself is not finite"
+    _assert_error_within(out, run(out.dtype), truth, what)
 
 
 def make_inputs(shape, dtype, device, seed=0):

@@ -39,6 +39,11 @@ def test_bad_inputs_raise_value_error(good, backend):
         (lambda: ops.orthogonality_loss(neg, mode="squared", backend=backend), "mode must be one of"),
         (lambda: ops.neglabel_score(image, pos, pos, groups=4, backend=backend), "groups must be"),
         (lambda: ops.mix_features(image, image, torch.rand(3), backend=backend), "lam must be"),
+        (lambda: ops.mcm_score(image.long(), pos, backend=backend), "image must be a floating tensor"),
+        (lambda: ops.orthogonality_loss(neg[0], backend=backend), "prompts must be 3-D"),
+        (lambda: ops.negprompt_loss(image, pos, neg, backend=backend), "nis='msp' needs labels"),
+        (lambda: ops.negprompt_loss(image, pos, neg, backend=backend, labels=torch.tensor([0, 1, 3, 0])),
+         "labels must lie in \\[0, 3\\)"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -65,11 +70,9 @@ def test_auto_prefers_cpp_on_cpu_and_honours_env(monkeypatch):
 def test_value_checks_never_read_device_tensors_back():
     """On a GPU the value checks would stall the host every call: on tensors that cannot be read back (meta
     stands in for CUDA here) the finite check is skipped and the label range becomes an asynchronous assert."""
-    from promptkit.kernels import _common
     from promptkit.ops import _checks
 
     result = torch.empty(3, device="meta")
     assert _checks.finite(result, image=torch.empty(4, 8, device="meta")) is result
     labels = torch.empty(4, dtype=torch.int64, device="meta")
     _checks.labels(labels, 4, 3)
-    _common.check_labels("xent_fwd", labels, 3)

@@ -1,20 +1,24 @@
-"""The fused primitives every op is built from, one implementation per compiled backend.
+"""The fused primitives every op is built from, one implementation per compiled backend (``primitives``).
 
-Every backend offers the same primitives with the same semantics (``csrc/`` and ``kernels/`` document them):
+Every backend offers the same primitives with the same semantics (``csrc/`` and ``kernels/`` document them;
+``tests/ops/test_primitives.py`` checks each on every backend available). The kernels trust their arguments:
+the public ops validate the user's inputs (``_checks``) before any primitive runs.
 
 - ``l2norm(x, overwrite=False) -> (unit rows, 1 / norms)`` and ``l2norm_backward``; ``overwrite=True`` says x
   is a temporary of the caller's, which a backend may normalise in place (the cpp backend does: on a CPU each
   pass over a [N, D] text matrix costs memory traffic);
 - ``cosine(img, txt, scale) -> [B, N]`` on unit rows;
-- ``segment_stats(img, txt, offsets, scales) -> (max, min, logsumexp)`` of scale_s * cos over column segments;
+- ``segment_stats(img, txt, offsets, scales) -> (max, min, logsumexp)`` of scale_s * cos over column segments
+  (non-decreasing offsets from 0 to N; an empty segment gives -inf, +inf, -inf: the identities of max, min and
+  logsumexp, as ``torch.logsumexp`` gives over no element);
 - ``xent(img, txt, scale, kind, labels, targets, group) -> (loss rows, logsumexp rows, saved)`` and
   ``xent_backward(..., lse, grad_rows, saved, group) -> dcos``: loss_b = a_b * lse_b(z) - sum_n w_bn z_bn with
-  z = scale * cos and targets w given by ``kind`` (0: index ``labels``, 1: uniform over all columns, 2: dense
-  ``targets``; a_b = sum_n w_bn). Kind 3 is the multi-label soft margin loss_b = (1/N) sum_n softplus(z_bn) -
-  y_bn z_bn with y_bn = 1 iff n // group == labels[b]; its backward needs no row statistic, so its "logsumexp
-  rows" are zeros. ``saved`` is what the backward reuses: the cpp backend keeps the [B, N] cosines
-  its BLAS product made (on a CPU the product is the cost, memory is not), the GPU backends keep nothing
-  (an empty tensor) and recompute the cosine tiles;
+  z = scale * cos and targets w given by ``kind`` (``abi.XENT_INDEX``: index ``labels``, ``XENT_UNIFORM``: uniform
+  over all columns, ``XENT_DENSE``: dense ``targets``; a_b = sum_n w_bn). ``XENT_MULTILABEL`` is the multi-label
+  soft margin loss_b = (1/N) sum_n softplus(z_bn) - y_bn z_bn with y_bn = 1 iff n // group == labels[b]; its
+  backward needs no row statistic, so its "logsumexp rows" are zeros. ``saved`` is what the backward reuses: the
+  cpp backend keeps the [B, N] cosines its BLAS product made (on a CPU the product is the cost, memory is not),
+  the GPU backends keep nothing (an empty tensor) and recompute the cosine tiles;
 - ``mix``, ``ortho`` and ``ortho_backward``.
 
 The CPU (``cpp``) backend leaves the matrix product to torch's BLAS and fuses the passes over the [B, N]
@@ -28,12 +32,10 @@ import functools
 import torch
 from torch import Tensor
 
+from promptkit import abi
 from promptkit.ops._backends import compiled_module, triton_module
 
-EPS = 1e-12
-XENT_INDEX, XENT_UNIFORM, XENT_DENSE, XENT_MULTILABEL = 0, 1, 2, 3
-ORTHO_MODES = {"abs_sum": 0, "mean_cos": 1}
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_DTYPE_CODES = {getattr(torch, name): code for name, code in abi.DTYPE_CODES.items()}
 KEEPS_COSINES = frozenset({"cpp"})  # backends whose xent forward saves the [B, N] cosines for the backward
 
 
@@ -91,7 +93,7 @@ class _Compiled:
         in_place = overwrite and self.normalises_in_place and x.dtype == acc
         y = x if in_place else torch.empty(x.shape, dtype=acc, device=x.device)
         inv = x.new_empty(x.shape[0], dtype=acc)
-        self._fn("l2norm_fwd")(x.data_ptr(), x.shape[0], x.shape[1], EPS, y.data_ptr(), inv.data_ptr(),
+        self._fn("l2norm_fwd")(x.data_ptr(), x.shape[0], x.shape[1], abi.L2NORM_EPS, y.data_ptr(), inv.data_ptr(),
                                _DTYPE_CODES[x.dtype], *self._extra(x))
         return y, inv
 
@@ -99,7 +101,7 @@ class _Compiled:
         dy, y = self._prep(dy.to(y.dtype)), self._prep(y)
         inv = inv.to(acc_dtype(y.dtype)).contiguous()
         dx = torch.empty(y.shape, dtype=acc_dtype(y.dtype), device=y.device)
-        self._fn("l2norm_bwd")(dy.data_ptr(), y.data_ptr(), inv.data_ptr(), y.shape[0], y.shape[1], EPS,
+        self._fn("l2norm_bwd")(dy.data_ptr(), y.data_ptr(), inv.data_ptr(), y.shape[0], y.shape[1], abi.L2NORM_EPS,
                                dx.data_ptr(), _DTYPE_CODES[y.dtype], *self._extra(y))
         return dx
 
@@ -115,7 +117,7 @@ class _Compiled:
         unit = self._prep(unit)
         out = unit.new_zeros((), dtype=acc_dtype(unit.dtype))
         C, K, D = unit.shape
-        self._fn("ortho_fwd")(unit.data_ptr(), C, K, D, ORTHO_MODES[mode], out.data_ptr(),
+        self._fn("ortho_fwd")(unit.data_ptr(), C, K, D, abi.ORTHO_MODES[mode], out.data_ptr(),
                               _DTYPE_CODES[unit.dtype], *self._extra(unit))
         return out
 
@@ -123,7 +125,7 @@ class _Compiled:
         unit = self._prep(unit)
         out = torch.empty(unit.shape, dtype=acc_dtype(unit.dtype), device=unit.device)
         C, K, D = unit.shape
-        self._fn("ortho_bwd")(unit.data_ptr(), C, K, D, ORTHO_MODES[mode], float(grad), out.data_ptr(),
+        self._fn("ortho_bwd")(unit.data_ptr(), C, K, D, abi.ORTHO_MODES[mode], float(grad), out.data_ptr(),
                               _DTYPE_CODES[unit.dtype], *self._extra(unit))
         return out
 
@@ -132,7 +134,7 @@ class _Compiled:
                 _constants_on(scales, acc_dtype(like.dtype), like.device))
 
 
-class CppKernels(_Compiled):
+class CppPrimitives(_Compiled):
     """C++/OpenMP kernels on CPU tensors (fp32, fp64; fp16/bf16 are computed in fp32)."""
 
     suffix = "cpu"
@@ -177,7 +179,7 @@ class CppKernels(_Compiled):
         return dcos
 
 
-class CudaKernels(_Compiled):
+class CudaPrimitives(_Compiled):
     """Hand-written CUDA kernels (fp32, fp64, fp16, bf16) on CUDA tensors."""
 
     suffix = "cuda"
@@ -227,7 +229,7 @@ class CudaKernels(_Compiled):
         return dcos
 
 
-class TritonKernels:
+class TritonPrimitives:
     """Triton kernels (``promptkit.kernels``) on CUDA tensors, or on CPU under TRITON_INTERPRET=1."""
 
     def __init__(self) -> None:
@@ -237,20 +239,20 @@ class TritonKernels:
         self.K = module
 
     def l2norm(self, x, overwrite=False):
-        return self.K.l2norm_fwd(x.contiguous(), EPS)
+        return self.K.l2norm_fwd(x.contiguous(), abi.L2NORM_EPS)
 
     def l2norm_backward(self, dy, y, inv):
         # dy stays in its own (fp32) dtype: fp16 y would round small gradients (ortho's ~1e-5) to subnormals
-        return self.K.l2norm_bwd(dy.contiguous(), y.contiguous(), inv.contiguous(), EPS)
+        return self.K.l2norm_bwd(dy.contiguous(), y.contiguous(), inv.contiguous(), abi.L2NORM_EPS)
 
     def mix(self, a, b, lam):
         return self.K.mix(a.contiguous(), b.to(a.dtype).contiguous(), lam.to(acc_dtype(a.dtype)).contiguous())
 
     def ortho(self, unit, mode):
-        return self.K.ortho_fwd(unit.contiguous(), ORTHO_MODES[mode])
+        return self.K.ortho_fwd(unit.contiguous(), abi.ORTHO_MODES[mode])
 
     def ortho_backward(self, unit, mode, grad):
-        return self.K.ortho_bwd(unit.contiguous(), ORTHO_MODES[mode], float(grad))
+        return self.K.ortho_bwd(unit.contiguous(), abi.ORTHO_MODES[mode], float(grad))
 
     def cosine(self, img, txt, scale):
         return self.K.cosine(img.contiguous(), txt.to(img.dtype).contiguous(), float(scale))
@@ -271,11 +273,11 @@ class TritonKernels:
                                lse.contiguous(), grad_rows.contiguous(), group)
 
 
-_IMPLEMENTATIONS = {"cpp": CppKernels, "cuda": CudaKernels, "triton": TritonKernels}
+_IMPLEMENTATIONS = {"cpp": CppPrimitives, "cuda": CudaPrimitives, "triton": TritonPrimitives}
 _instances: dict[str, object] = {}
 
 
-def kernels(backend: str):
+def primitives(backend: str):
     """The primitive implementation of a compiled backend ("cpp", "cuda" or "triton")."""
     if backend not in _instances:
         _instances[backend] = _IMPLEMENTATIONS[backend]()
