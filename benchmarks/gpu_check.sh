@@ -60,10 +60,9 @@ run build bash -c '"$0" -m pip install --no-build-isolation --no-deps . &&
   "$PYTHON"
 # every test on CUDA tensors: the cuda bindings, the triton and cuda parametrisations of tests/ops, the
 # compiled module's resource check (opcheck and torch.compile are the next step but one)
-run cuda_tests "${PY[@]}" -m pytest -q tests/ops -k "cuda and not opcheck and not torch_compile" \
-  --ignore=tests/ops/test_triton_kernels.py
+run cuda_tests "${PY[@]}" -m pytest -q tests/ops -k "cuda and not opcheck and not torch_compile"
 # Triton on CPU tensors needs the interpreter from the start of the process: its own run
-run triton_interpreter env TRITON_INTERPRET=1 "${PY[@]}" -m pytest -q tests/ops -k "triton-cpu or test_triton_kernels" \
+run triton_interpreter env TRITON_INTERPRET=1 "${PY[@]}" -m pytest -q tests/ops -k "triton-cpu" \
   --ignore=tests/ops/test_gpu_compile.py
 run opcheck "${PY[@]}" -m pytest -q tests/ops/test_gpu_ops.py
 # the op benchmarks: one group per (op, pass, size), eager / compile / triton / cuda in each

@@ -34,10 +34,20 @@ def scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: TF32 for fp32 only when torch itself allows it for matmuls, else exact."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """tl.dot input precision: TF32 for fp32 only when torch itself allows it for CUDA matmuls, else exact."""
+    return "tf32" if dtype == torch.float32 and cuda_matmul_allows_tf32() else "ieee"
+
+
+def cuda_matmul_allows_tf32() -> bool:
+    """torch's switch for fp32 CUDA matmuls: ``torch.backends.cuda.matmul.fp32_precision`` ("none" defers to
+    ``torch.backends.fp32_precision``); older torch only has ``get_float32_matmul_precision``, which the new API
+    makes raise once both are used, so the new one is read where it exists."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:

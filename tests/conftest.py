@@ -17,6 +17,6 @@ def pytest_report_header(config):
         usable = [name for name, why in available_backends(device).items() if not why]
         lines.append(f"promptkit backends on {device}: {', '.join(usable)}")
     if not torch.cuda.is_available():
-        lines.append("no GPU: the triton/cuda tests on CUDA tensors, tests/ops/test_cuda_bindings.py and "
-                     "tests/ops/test_gpu_ops.py are not collected (CPU: cpp, and triton under TRITON_INTERPRET=1)")
+        lines.append("no GPU: the triton/cuda cases on CUDA tensors are skipped and tests/ops/test_gpu_ops.py is not "
+                     "collected (CPU: cpp, and triton under TRITON_INTERPRET=1)")
     return lines

@@ -316,12 +316,14 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 # checked in separate processes, as torch refuses to report a state set through both.
 TF32_SCRIPT = """
 import ctypes, sys, torch
+from promptkit.kernels._common import cuda_matmul_allows_tf32
 allows = ctypes.CDLL(sys.argv[1]).promptkit_torch_allows_tf32
-seen = [allows()]
+seen, triton = [allows()], [int(cuda_matmul_allows_tf32())]
 for step in sys.argv[2:]:
     exec(step)
     seen.append(allows())
-print(seen)
+    triton.append(int(cuda_matmul_allows_tf32()))
+print([seen, triton])
 """
 TF32_SETTINGS = {
     "legacy": (["torch.set_float32_matmul_precision('high')", "torch.set_float32_matmul_precision('highest')",
@@ -350,11 +352,13 @@ def tf32_probe(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("api", list(TF32_SETTINGS))
 def test_cuda_products_follow_torchs_tf32_switch(tf32_probe, api):
-    """fp32 runs on TF32 tensor cores exactly when torch allows TF32 for float32 matmuls (off by default)."""
+    """fp32 runs on TF32 tensor cores exactly when torch allows TF32 for float32 matmuls (off by default), on the
+    CUDA kernels (csrc/cuda/tf32.h) and the Triton ones (their tl.dot precision) alike."""
+    pytest.importorskip("triton")
     steps, expected = TF32_SETTINGS[api]
     result = subprocess.run([sys.executable, "-c", TF32_SCRIPT, str(tf32_probe), *steps], capture_output=True,
                             text=True, check=True)
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [expected, expected], result.stderr
 
 
 # ---------------------------------------------------------------- the CUDA reductions' split-and-merge arithmetic
