@@ -200,7 +200,8 @@ class LSN(Method):
     def _conditional_score(self, features: Tensor, neg: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
         """The LSN score with CoCoOp positives: each image has its own C prompts, so MCM is computed per image.
 
-        The shared-text ops do not apply to per-image prompts; this path is plain torch, in chunks of images.
+        The shared-text ops do not apply to per-image prompts: that MCM term is plain torch, in chunks of images;
+        the negative term is the op's (the negatives are shared).
         """
         c = self.config
         scores, predicted = [], []
@@ -210,10 +211,7 @@ class LSN(Method):
             if c.score_rule == "official":
                 scores.append(mcm + self._official_negative_term(part, neg))
             else:
-                min_cm = torch.stack([
-                    torch.softmax(ops.cosine_logits(part, neg[:, k], backend=self.backend) / c.neg_temperature,
-                                  dim=-1).amin(dim=-1) for k in range(neg.shape[1])]).mean(dim=0)
-                scores.append(mcm - min_cm)
+                scores.append(mcm - ops.min_concept_score(part, neg, c.neg_temperature, backend=self.backend))
             predicted.append(cos.argmax(dim=-1))
         return torch.cat(scores), torch.cat(predicted)
 

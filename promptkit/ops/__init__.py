@@ -10,7 +10,7 @@ from promptkit.ops.cosine import cosine_logits
 from promptkit.ops.losses import lsn_negative_loss, negprompt_loss, soft_cross_entropy
 from promptkit.ops.mix import mix_features
 from promptkit.ops.ortho import orthogonality_loss
-from promptkit.ops.scores import lsn_score, mcm_score, neglabel_score, negprompt_score
+from promptkit.ops.scores import lsn_score, mcm_score, min_concept_score, neglabel_score, negprompt_score
 
 __all__ = [
     "BACKENDS",
@@ -21,6 +21,7 @@ __all__ = [
     "mcm_score",
     "negprompt_score",
     "lsn_score",
+    "min_concept_score",
     "neglabel_score",
     "lsn_negative_loss",
     "negprompt_loss",

@@ -42,22 +42,25 @@ def negprompt_score(image: Tensor, pos_text: Tensor, neg_text: Tensor, temperatu
     return torch.softmax(logits, dim=-1)[:, :C].amax(dim=-1)
 
 
-def lsn_score(
-    image: Tensor, pos_text: Tensor, neg_text: Tensor, temperature: float = 1.0, neg_temperature: float = 5.0
-) -> Tensor:
-    """LSN Eq. 13-14: S_MCM - S_MinCM, MinCM averaged over the K negative sets.
+def min_concept_score(image: Tensor, neg_text: Tensor, neg_temperature: float = 5.0) -> Tensor:
+    """LSN's S_MinCM averaged over the K negative sets: mean_k min_c softmax_c(cos(image, neg_text[c, k]) / neg_T).
 
-    S_MinCM^k = min_c softmax_c(cos(image, neg_text[c, k]) / neg_temperature).
-    image [B, D], pos_text [C, D], neg_text [C, K, D] -> [B].
+    image [B, D], neg_text [C, K, D] -> [B].
     """
-    mcm = mcm_score(image, pos_text, temperature)
-    min_cm = torch.stack(
+    return torch.stack(
         [
             torch.softmax(_cos(image, neg_text[:, k]) / neg_temperature, dim=-1).amin(dim=-1)
             for k in range(neg_text.shape[1])
         ]
     ).mean(dim=0)
-    return mcm - min_cm
+
+
+def lsn_score(
+    image: Tensor, pos_text: Tensor, neg_text: Tensor, temperature: float = 1.0, neg_temperature: float = 5.0
+) -> Tensor:
+    """LSN Eq. 13-14: S_MCM - S_MinCM (``min_concept_score``). image [B, D], pos_text [C, D], neg_text [C, K, D]
+    -> [B]."""
+    return mcm_score(image, pos_text, temperature) - min_concept_score(image, neg_text, neg_temperature)
 
 
 GROUP_ORDERS = ("drop-then-permute", "permute-then-drop")

@@ -53,6 +53,14 @@ def _lsn_score(
     return (mcm - min_cm).to(image.dtype)
 
 
+@torch.library.custom_op("promptkit::min_concept_score", mutates_args=())
+def _min_concept_score(image: Tensor, neg_text: Tensor, neg_temperature: float, backend: str) -> Tensor:
+    C, K, _ = neg_text.shape
+    _, bottom, lse = _stats(image, list(neg_text.unbind(1)), [s * C for s in range(K + 1)],
+                            [1.0 / neg_temperature] * K, backend)
+    return torch.exp(bottom - lse).mean(dim=1).to(image.dtype)
+
+
 @torch.library.custom_op("promptkit::neglabel_score", mutates_args=())
 def _neglabel_score(image: Tensor, id_text: Tensor, grouped_neg: Tensor, temperature: float, groups: int,
                     backend: str) -> Tensor:
@@ -63,7 +71,7 @@ def _neglabel_score(image: Tensor, id_text: Tensor, grouped_neg: Tensor, tempera
     return torch.exp(id_lse - torch.logaddexp(id_lse, lse[:, 1:])).mean(dim=1).to(image.dtype)
 
 
-for _op in (_mcm_score, _negprompt_score, _lsn_score, _neglabel_score):
+for _op in (_mcm_score, _negprompt_score, _lsn_score, _min_concept_score, _neglabel_score):
     _op.register_fake(lambda image, *args: _rows(image))
 
 
@@ -131,6 +139,22 @@ def lsn_score(
         score = _lsn_score(image.detach(), pos_text.detach(), neg_text.detach(), float(temperature),
                            float(neg_temperature), backend)
     return _checks.finite(score, image=image, pos_text=pos_text, neg_text=neg_text)
+
+
+def min_concept_score(image: Tensor, neg_text: Tensor, neg_temperature: float = 5.0, backend: str = "auto"
+                      ) -> Tensor:
+    """LSN's S_MinCM term alone, averaged over the K sets: mean_k min_c softmax_c(cos(image, neg_text[c, k]) /
+    neg_T), for scores whose MCM term is computed elsewhere (LSN with per-image CoCoOp prompts).
+
+    image [B, D], neg_text [C, K, D] -> [B].
+    """
+    _check_inputs(image, neg_temperature, neg_text[:, 0], neg_text)
+    backend = _checks.backend_for(backend, image)
+    if backend == "torch":
+        score = reference.min_concept_score(image, neg_text, neg_temperature)
+    else:
+        score = _min_concept_score(image.detach(), neg_text.detach(), float(neg_temperature), backend)
+    return _checks.finite(score, image=image, neg_text=neg_text)
 
 
 def neglabel_score(

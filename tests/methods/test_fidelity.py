@@ -135,3 +135,28 @@ def test_lapt_sorted_index_percentile_and_templates():
         ("lapt-code", "sorted-index", False)
     assert MINING_TEMPLATES["lapt-code"].noun.format("cat") == "The nice cat."
     assert MINING_TEMPLATES["lapt-code"].adjective.format("red") == "This is a red photo."
+
+
+@pytest.mark.parametrize("score_rule", ["paper", "official"])
+def test_lsn_cocoop_score_is_the_per_image_mcm_with_the_shared_negatives(score_rule):
+    """CoCoOp+LSN (Eq. 13-14 with per-image positives): MCM over each image's own prompts, minus MinCM (paper) or
+    plus the released negative term (official) over the shared negative prompts."""
+    from promptkit.clip import load_clip
+
+    clip = load_clip()
+    config = resolve_config(LSNConfig, {"positive_learner": "cocoop", "score_rule": score_rule})
+    method = LSN(clip, ["coat", "dress", "bag"], config, backend="cpp")
+    features = torch.randn(5, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+    score, predicted = method.score(features)
+    with torch.no_grad():
+        prompts, neg = method.conditional(features), method.text_features().class_negatives
+    unit = F.normalize(features.double(), dim=-1)
+    cos = torch.einsum("be,bce->bc", unit, F.normalize(prompts.double(), dim=-1))
+    mcm = torch.softmax(cos, dim=-1).amax(dim=-1)
+    neg_cos = torch.einsum("be,cke->bkc", unit, F.normalize(neg.double(), dim=-1))  # [B, K, C]
+    if score_rule == "paper":
+        expected = mcm - torch.softmax(neg_cos / 5.0, dim=-1).amin(dim=-1).mean(dim=1)
+    else:
+        expected = mcm + torch.softmax(-neg_cos / 5.0, dim=-1).amax(dim=-1).mean(dim=1)
+    torch.testing.assert_close(score.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(predicted, cos.argmax(dim=-1))

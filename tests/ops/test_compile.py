@@ -37,6 +37,7 @@ def _opcheck_cases():
         "mcm_score": (OPS.mcm_score.default, (image, pos, 1.0, "cpp")),
         "negprompt_score": (OPS.negprompt_score.default, (image, pos, flat, 1.0, "cpp")),
         "lsn_score": (OPS.lsn_score.default, (image, pos, neg, 1.0, 5.0, "cpp")),
+        "min_concept_score": (OPS.min_concept_score.default, (image, neg, 5.0, "cpp")),
         "neglabel_score": (OPS.neglabel_score.default, (image, pos, flat, 0.01, 2, "cpp")),
         "xent_loss index": (OPS.xent_loss.default, (g(image), g(pos), -20.0, 0, labels, None, "cpp")),
         "xent_loss dense": (OPS.xent_loss.default, (g(image), g(text), 100.0, 2, None, targets, "cpp")),

@@ -19,6 +19,7 @@ def _score_calls(image, pos, neg):
         "negprompt": lambda backend, i, p, n, m: ops.negprompt_score(i, p, n, temperature=0.5, backend=backend),
         "lsn": lambda backend, i, p, n, m: ops.lsn_score(i, p, n, temperature=1.0, neg_temperature=5.0,
                                                           backend=backend),
+        "min_concept": lambda backend, i, p, n, m: ops.min_concept_score(i, n, neg_temperature=3.0, backend=backend),
         "neglabel": lambda backend, i, p, n, m: ops.neglabel_score(i, p, m, temperature=0.01, groups=groups,
                                                                    seed=3, backend=backend),
     }
@@ -53,6 +54,7 @@ def test_lsn_score_hand_computed():
     min_cm = 1 / (1 + math.exp(1 / 5))  # min over classes of softmax((0, 1) / 5)
     for backend in ("torch", "cpp"):
         assert ops.lsn_score(image, pos, neg, backend=backend).item() == pytest.approx(mcm - min_cm, rel=1e-6)
+        assert ops.min_concept_score(image, neg, backend=backend).item() == pytest.approx(min_cm, rel=1e-6)
 
 
 def test_neglabel_grouping_hand_computed():
