@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from promptkit.abi import XENT_INDEX, XENT_MULTILABEL, XENT_UNIFORM
+from promptkit.abi import XENT_DENSE, XENT_INDEX, XENT_MULTILABEL, XENT_UNIFORM
 
 from ._common import (Launch, acc_dtype, cos_tile, dot_precision, dot_tiles, launch, online_lse_step, scalar,
                       upcast_dot)
@@ -15,6 +15,7 @@ from ._common import (Launch, acc_dtype, cos_tile, dot_precision, dot_tiles, lau
 # The kinds as the kernels read them: module globals only as constexpr
 _INDEX = tl.constexpr(XENT_INDEX)
 _UNIFORM = tl.constexpr(XENT_UNIFORM)
+_DENSE = tl.constexpr(XENT_DENSE)
 _MULTILABEL = tl.constexpr(XENT_MULTILABEL)
 
 
@@ -47,41 +48,43 @@ def _xent_fwd_kernel(img_ptr, txt_ptr, scale_ptr, labels_ptr, targets_ptr, loss_
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     run_max = tl.full((BLOCK_B,), float("-inf"), ACC)
     total = tl.zeros((BLOCK_B,), ACC)
-    weighted = tl.zeros((BLOCK_B,), ACC)  # sum_n w[b, n] z[b, n]; multilabel: sum_n softplus(z) - y z
-    mass = tl.zeros((BLOCK_B,), ACC)  # a[b] = sum_n w[b, n], accumulated for dense targets only
+    # sum_n w[b, n] (z[b, n] - shift(run_max)), moved along as the running max grows (csrc/common/xent.h's
+    # XentState): the loss mass * log(total) - weighted then has no cancellation between two terms ~ lse;
+    # multilabel: sum_n softplus(z) - y z
+    weighted = tl.zeros((BLOCK_B,), ACC)
+    weight = tl.zeros((BLOCK_B,), ACC)  # sum_n w[b, n] so far
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         z = scale * cos_tile(img_ptr, txt_ptr, rows, cols, row_mask, col_mask, D,
                              BLOCK_B, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
-        if KIND != _MULTILABEL:
-            run_max, total = online_lse_step(run_max, total, tl.where(col_mask[None, :], z, float("-inf")))
-        z = tl.where(col_mask[None, :], z, 0.0)
         if KIND == _MULTILABEL:
+            z = tl.where(col_mask[None, :], z, 0.0)
             # softplus(z) - y z = softplus(-z) where y = 1: no cancellation
             in_group = (cols[None, :] // GROUP) == labels[:, None]
             terms = _softplus(tl.where(in_group, -z, z))
             weighted += tl.sum(tl.where(col_mask[None, :], terms, 0.0), 1)
-        elif KIND == _INDEX:
-            weighted += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
-        elif KIND == _UNIFORM:
-            weighted += tl.sum(z, 1)
         else:
-            w_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            w = tl.load(targets_ptr + w_offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(ACC)
-            weighted += tl.sum(w * z, 1)
-            mass += tl.sum(w, 1)
+            old_shift = tl.where(tl.abs(run_max) < float("inf"), run_max, 0.0)
+            run_max, total = online_lse_step(run_max, total, tl.where(col_mask[None, :], z, float("-inf")))
+            shift = tl.where(tl.abs(run_max) < float("inf"), run_max, 0.0)
+            if KIND == _INDEX:
+                w = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0).to(ACC)
+            elif KIND == _UNIFORM:
+                w = tl.where(col_mask[None, :], 1.0 / tl.cast(N, ACC), 0.0).to(ACC)
+            else:
+                w_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+                w = tl.load(targets_ptr + w_offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(ACC)
+            weighted = weighted + weight * (old_shift - shift) + tl.sum(w * (z - shift[:, None]), 1)
+            weight += tl.sum(w, 1)
     if KIND == _MULTILABEL:
         lse = tl.zeros((BLOCK_B,), ACC)  # the multilabel backward needs no row statistic
         loss = weighted / tl.cast(N, ACC)
     else:
         lse = run_max + tl.log(total)
-        if KIND == _INDEX:
-            loss = lse - weighted
-        elif KIND == _UNIFORM:
-            loss = lse - weighted / tl.cast(N, ACC)
-        else:
-            loss = mass * lse - weighted
+        # a[b]: exactly 1 for one-hot and uniform targets, the summed row of a dense one
+        mass = weight if KIND == _DENSE else tl.full((BLOCK_B,), 1.0, ACC)
+        loss = mass * tl.log(total) - weighted
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
 
