@@ -14,10 +14,15 @@
 
 namespace pk {
 
-// The kernel constants are defined once, in promptkit/abi.py; the C++ headers mirror them: the dtype codes
-// here, the xent kinds (XentKind) in xent.h, the ortho modes (OrthoMode) in ortho.h and kMixEps in rows.h.
-// promptkit._C.abi() (bindings.cpp) exports the mirror and tests/ops/test_abi.py fails when it differs.
+// The kernel constants are defined once, in promptkit/abi.py, and mirrored here, all of them;
+// promptkit._C.abi() (bindings.cpp) exports this mirror and tests/ops/test_abi.py fails when it differs.
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+// The xent kinds (xent.h): the loss targets by index, uniform, dense, and the multi-label soft margin.
+enum XentKind : int { kXentIndex = 0, kXentUniform = 1, kXentDense = 2, kXentMultilabel = 3 };
+// The ortho modes (ortho.h): sum of |cos| over pairs, mean cos.
+enum OrthoMode : int { kOrthoAbsSum = 0, kOrthoMeanCos = 1 };
+// The norm floor of mix's re-normalisation (torch.nn.functional.normalize's default eps).
+constexpr double kMixEps = 1e-12;
 
 // Accumulation ("acc") type: fp64 for fp64 inputs, fp32 for everything else (fp32, fp16, bf16).
 template <class T> struct AccOf { using type = float; };

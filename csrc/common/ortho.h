@@ -8,8 +8,6 @@
 
 namespace pk {
 
-enum OrthoMode : int { kOrthoAbsSum = 0, kOrthoMeanCos = 1 };
-
 template <class A> PK_HD A ortho_norm(int mode, std::int64_t C, std::int64_t K) {
   if (mode == kOrthoAbsSum) return A(1);
   return K > 1 ? A(1) / (A(C) * A(K) * A(K - 1)) : A(0);

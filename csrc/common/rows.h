@@ -5,9 +5,6 @@
 
 namespace pk {
 
-// The norm floor of mix's re-normalisation (torch.nn.functional.normalize's default eps).
-constexpr double kMixEps = 1e-12;
-
 // max(sqrt(sumsq), eps); a NaN norm stays NaN (the comparison is false for NaN). Rows are divided by it (not
 // multiplied by its inverse), which rounds once, as torch.nn.functional.normalize does.
 template <class A> PK_HD A l2_clamped_norm(A sumsq, A eps) {

@@ -15,8 +15,6 @@
 
 namespace pk {
 
-enum XentKind : int { kXentIndex = 0, kXentUniform = 1, kXentDense = 2, kXentMultilabel = 3 };
-
 // w_bn. `label` is used by kXentIndex, `inv_n` (= 1 / N) by kXentUniform, `dense` (targets[b, n]) by kXentDense.
 template <int KIND, class A> PK_HD A xent_weight(std::int64_t n, std::int64_t label, A inv_n, A dense) {
   return KIND == kXentIndex ? (n == label ? A(1) : A(0)) : KIND == kXentUniform ? inv_n : dense;
