@@ -1,11 +1,13 @@
-"""Prompt losses, forward and forward+backward: every backend vs eager torch and compile."""
+"""Prompt losses, forward and forward+backward: every backend vs eager torch and compile, and on a CPU the bare BLAS
+products each pass contains ("blas")."""
 
 import pytest
 import torch
 
 from promptkit import ops
 
-from .conftest import BATCHES, C, D, DEVICE, IMPLEMENTATIONS, K, features, implementation, run_benchmark
+from .conftest import (BATCHES, C, D, DEVICE, WITH_PRODUCTS, K, blas_products, features, implementation,
+                       run_benchmark)
 
 
 def _labels(batch):
@@ -25,6 +27,9 @@ LOSSES = {
     "soft_cross_entropy": (lambda b, i, p, n, y, t: ops.soft_cross_entropy(
         i, torch.cat([p, n.reshape(-1, n.shape[-1])]), t, backend=b)),
 }
+# Columns of each loss's cosine matrix (the cpp backend's image @ text.T).
+COLUMNS = {"lsn_negative_loss": C, "negprompt_loss": C * K, "negprompt_loss_msp": C * (1 + K),
+           "soft_cross_entropy": C * (1 + K)}
 
 
 # Passes: the forward; forward + backward into every input; and prompt learning's case, forward + backward into
@@ -32,7 +37,7 @@ LOSSES = {
 PASSES = {"fwd": (False, False), "fwd+bwd": (True, True), "fwd+bwd text": (False, True)}
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", WITH_PRODUCTS)
 @pytest.mark.parametrize("passes", list(PASSES))
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("op", list(LOSSES))
@@ -42,5 +47,9 @@ def test_loss(benchmark, op, batch, passes, impl):
     backward = text_grad
     inputs = [features(batch, D, seed=1, grad=image_grad), features(C, D, seed=2, grad=text_grad),
               features(C, K, D, seed=3, grad=text_grad), _labels(batch), _soft_targets(batch)]
+    if impl == "blas":
+        products = blas_products(batch, COLUMNS[op], image_grad=image_grad, text_grad=text_grad)
+        run_benchmark(benchmark, products, [], backward=False)
+        return
     fn = implementation(LOSSES[op], impl)
     run_benchmark(benchmark, fn, inputs, backward=backward)

@@ -4,9 +4,11 @@
     python benchmarks/ratios.py bench.json [more.json ...] [--stat median|min]
 
 Each row is one benchmark group (op, pass, size); each backend's cell is its median (or minimum) time and its
-speed-up over eager torch and over torch.compile of the same reference (x > 1: faster). On a shared machine the
-minimum is the steadier statistic: other tenants only ever add time. Given several runs, a cell is the minimum
-over all of them (--stat min) or the median of the runs' medians.
+speed-up over eager torch and over torch.compile of the same reference (x > 1: faster). Where the run also timed
+the bare BLAS products an op contains (implementation "blas": the matmul-bound ops on a CPU), the table adds their
+time and each backend's time over it ("cpp / blas", what the op costs on top of its products; the target is at
+most 1.1x). On a shared machine the minimum is the steadier statistic: other tenants only ever add time. Given
+several runs, a cell is the minimum over all of them (--stat min) or the median of the runs' medians.
 """
 
 from __future__ import annotations
@@ -30,15 +32,21 @@ def table(runs: list[dict], stat: str = "median") -> str:
     combine = min if stat == "min" else statistics.median
     groups = {group: {impl: combine(times) for impl, times in impls.items()} for group, impls in samples.items()}
     impls = [i for i in ("cpp", "triton", "cuda") if any(i in g for g in groups.values())]
+    products = any("blas" in g for g in groups.values())
     header = "| op (pass, size) | eager | compile | " + " | ".join(
         f"{i} | {i} vs eager | {i} vs compile" for i in impls) + " |"
-    lines = [header, "|" + "---|" * (3 + 3 * len(impls))]
+    if products:
+        header += " blas | " + " | ".join(f"{i} / blas" for i in impls) + " |"
+    lines = [header, "|" + "---|" * (3 + 3 * len(impls) + (1 + len(impls) if products else 0))]
     for group in sorted(groups):
         times = groups[group]
         row = [group, _ms(times.get("eager")), _ms(times.get("compile"))]
         for impl in impls:
             t = times.get(impl)
             row += [_ms(t), _ratio(times.get("eager"), t), _ratio(times.get("compile"), t)]
+        if products:
+            blas = times.get("blas")
+            row += [_ms(blas)] + [_ratio(times.get(impl), blas) for impl in impls]
         lines.append("| " + " | ".join(row) + " |")
     machine = runs[0].get("machine_info", {})
     lines.append("")

@@ -33,3 +33,10 @@ def test_several_runs_combine_per_cell():
     # min: the best round of any run (16 ms, 8 ms); median: the median of the runs' medians (40 ms, 20 ms).
     assert ratios.table(runs, "min").splitlines()[2] == "| op fwd B=8 | 16.00 ms | - | 8.00 ms | 2.00x | - |"
     assert ratios.table(runs, "median").splitlines()[2] == "| op fwd B=8 | 40.00 ms | - | 20.00 ms | 2.00x | - |"
+
+
+def test_blas_products_add_the_op_over_product_column():
+    data = {"benchmarks": [_bench("eager", 0.030, 0.030), _bench("cpp", 0.022, 0.022), _bench("blas", 0.020, 0.020)]}
+    lines = _ratios().table([data], "median").splitlines()
+    assert lines[0].endswith("| cpp | cpp vs eager | cpp vs compile | blas | cpp / blas |")
+    assert lines[2] == "| op fwd B=8 | 30.00 ms | - | 22.00 ms | 1.36x | - | 20.00 ms | 1.10x |"

@@ -7,8 +7,9 @@
 
 namespace pk::cpu {
 
-// cos [B, N]; seg_offsets int64 [S + 1] = 0 < ... < N; seg_scales [S]. Writes max, min and logsumexp of
-// z = seg_scales[s] * cos over each segment's columns into out_max, out_min, out_lse [B, S].
+// cos [B, N]; seg_offsets int64 [S + 1] = 0 <= ... <= N; seg_scales [S]. Writes max, min and logsumexp of
+// z = seg_scales[s] * cos over each segment's columns into out_max, out_min, out_lse [B, S] (-inf, +inf, -inf
+// for an empty segment).
 void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::int64_t* seg_offsets,
                    const void* seg_scales, std::int64_t S, void* out_max, void* out_min, void* out_lse, int dtype);
 

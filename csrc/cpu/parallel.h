@@ -1,7 +1,9 @@
-// The CPU kernels' parallel decomposition and vector loops: rows are split into one contiguous range per
-// OpenMP thread, and each range runs a function compiled for several x86 ISAs (picked once at load time).
+// The CPU kernels' parallel decomposition and vector loops: rows are split into blocks of consecutive rows that
+// the OpenMP threads claim in turn, and each block runs a function compiled for several x86 ISAs (picked once at
+// load time).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -28,15 +30,29 @@ constexpr std::int64_t kParallelMinWork = 1 << 15;
 // Columns folded into the online state at a time: small enough to stay in L1 between the max and exp passes.
 constexpr std::int64_t kChunk = 1024;
 
-// Calls body(begin, end) on disjoint ranges covering [0, n), one per thread; work = elements touched in all.
+// Row blocks per thread that parallel_ranges aims for: a thread that the OS deschedules (on a machine shared with
+// other jobs) holds up only its current block, while the others take the rest.
+constexpr std::int64_t kBlocksPerThread = 8;
+
+// Calls body(begin, end) on disjoint ranges covering [0, n), in increasing order within each thread; work =
+// elements touched in all. The ranges are blocks of consecutive rows that the threads claim one at a time, so the
+// split follows the CPU time each thread actually gets; which thread runs a block never changes a result.
 template <class Body> void parallel_ranges(std::int64_t n, std::int64_t work, const Body& body) {
 #ifdef _OPENMP
   if (n > 1 && work >= kParallelMinWork && omp_get_max_threads() > 1) {
+    const std::int64_t per_block = std::max<std::int64_t>(1, kParallelMinWork * n / work);  // rows
+    std::int64_t next = 0;
 #pragma omp parallel
     {
-      const std::int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-      const std::int64_t begin = n * t / nt, end = n * (t + 1) / nt;
-      if (begin < end) body(begin, end);
+      const std::int64_t blocks = std::min(std::int64_t(omp_get_num_threads()) * kBlocksPerThread,
+                                           (n + per_block - 1) / per_block);
+      for (;;) {
+        std::int64_t block;
+#pragma omp atomic capture
+        block = next++;
+        if (block >= blocks) break;
+        body(n * block / blocks, n * (block + 1) / blocks);
+      }
     }
     return;
   }

@@ -1,21 +1,45 @@
 // CPU segment_stats, xent_fwd and xent_bwd: one pass over each row of the precomputed cosine matrix, folded
-// into the online max / sum-exp state chunk by chunk (a chunk's max pass and exp pass both hit L1). The
+// into the online max / sum-exp state chunk by chunk (a chunk's max pass and exp pass both hit L1). The chunk and
+// row loops have portable versions here and AVX-512 ones for float (cpu/avx512.h), chosen once per call. The
 // multilabel kind has no softmax: one vector pass of independent per-column terms.
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/online_lse.h"
 #include "common/xent.h"
+#include "cpu/avx512.h"
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
 
 namespace pk::cpu {
 namespace {
 
-template <class A> PK_CPU_CLONES void segment_rows(const A* cos, std::int64_t N, std::int64_t begin,
-                                                   std::int64_t end, const std::int64_t* offsets, const A* scales,
-                                                   std::int64_t S, A* out_max, A* out_min, A* out_lse) {
+// max and min of z = scale * x[0, len) and sum_i exp(z_i - lse_shift(max)): the portable loops.
+template <class A> PK_CPU_CLONES void chunk_stats(const A* x, std::int64_t len, A scale, A& max, A& min, A& sum) {
+  scaled_max_min(x, len, scale, max, min);
+  const A shift = lse_shift(max);
+  A total = 0;
+#pragma omp simd reduction(+ : total)
+  for (std::int64_t i = 0; i < len; ++i) total += exp_acc(mul_rn(scale, x[i]) - shift);
+  sum = total;
+}
+
+template <class A> using ChunkStats = void (*)(const A*, std::int64_t, A, A&, A&, A&);
+
+// The portable chunk loop, or the AVX-512 one for float on a CPU that has it.
+template <class A> ChunkStats<A> chunk_stats_for_cpu() {
+#if PK_HAVE_AVX512
+  if constexpr (std::is_same_v<A, float>)
+    if (avx512_usable()) return chunk_stats_512;
+#endif
+  return chunk_stats<A>;
+}
+
+template <class A> void segment_rows(const A* cos, std::int64_t N, std::int64_t begin, std::int64_t end,
+                                     const std::int64_t* offsets, const A* scales, std::int64_t S, A* out_max,
+                                     A* out_min, A* out_lse, ChunkStats<A> chunk) {
   for (std::int64_t b = begin; b < end; ++b) {
     const A* row = cos + b * N;
     for (std::int64_t s = 0; s < S; ++s) {
@@ -24,12 +48,8 @@ template <class A> PK_CPU_CLONES void segment_rows(const A* cos, std::int64_t N,
       A seg_min = infinity<A>();
       for (std::int64_t c0 = offsets[s]; c0 < offsets[s + 1]; c0 += kChunk) {
         const std::int64_t len = std::min(kChunk, offsets[s + 1] - c0);
-        A max, min;
-        scaled_max_min(row + c0, len, scale, max, min);
-        const A shift = lse_shift(max);
-        A sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (std::int64_t i = 0; i < len; ++i) sum += exp_acc(mul_rn(scale, row[c0 + i]) - shift);
+        A max, min, sum;
+        chunk(row + c0, len, scale, max, min, sum);
         st = lse_merge(st, LseState<A>{max, sum});
         seg_min = min < seg_min ? min : seg_min;
       }
@@ -38,59 +58,88 @@ template <class A> PK_CPU_CLONES void segment_rows(const A* cos, std::int64_t N,
   }
 }
 
-template <class A, int KIND> PK_CPU_CLONES void xent_fwd_rows(const A* cos, std::int64_t N, std::int64_t begin,
-                                                              std::int64_t end, A scale, const std::int64_t* labels,
-                                                              const A* targets, A* out_loss, A* out_lse) {
+// One chunk [c0, c0 + len) of a cross-entropy row (target: the row's dense targets): the portable loops.
+template <class A, int KIND> PK_CPU_CLONES XentState<A> xent_chunk(const A* row, const A* target, std::int64_t c0,
+                                                                   std::int64_t len, std::int64_t label, A inv_n,
+                                                                   A scale) {
+  const A max = scaled_max(row + c0, len, scale);
+  const A shift = lse_shift(max);
+  A sum = 0, weighted = 0, weight = 0;
+#pragma omp simd reduction(+ : sum, weighted, weight)
+  for (std::int64_t i = 0; i < len; ++i) {
+    const std::int64_t n = c0 + i;
+    const A z = mul_rn(scale, row[n]);
+    const A w = xent_weight<KIND>(n, label, inv_n, KIND == kXentDense ? target[n] : A(0));
+    sum += exp_acc(z - shift);
+    weighted += w * (z - shift);
+    weight += w;
+  }
+  return {{max, sum}, weighted, weight};
+}
+
+// out[n] = d loss / d cos[n] for one row of N columns: the portable loop.
+template <class A, int KIND> PK_CPU_CLONES void xent_bwd_row(const A* row, const A* target, std::int64_t N,
+                                                             std::int64_t label, A inv_n, A scale, A grad_scale,
+                                                             A mass, A row_lse, A* out) {
+#pragma omp simd
+  for (std::int64_t n = 0; n < N; ++n) {
+    const A w = xent_weight<KIND>(n, label, inv_n, KIND == kXentDense ? target[n] : A(0));
+    out[n] = xent_dcos(grad_scale, mass, exp_acc(mul_rn(scale, row[n]) - row_lse), w);
+  }
+}
+
+template <class A> using XentChunk = XentState<A> (*)(const A*, const A*, std::int64_t, std::int64_t, std::int64_t,
+                                                      A, A);
+template <class A> using XentBwdRow = void (*)(const A*, const A*, std::int64_t, std::int64_t, A, A, A, A, A, A*);
+
+// The portable loops, or the AVX-512 ones for float on a CPU that has them.
+template <class A, int KIND> XentChunk<A> xent_chunk_for_cpu() {
+#if PK_HAVE_AVX512
+  if constexpr (std::is_same_v<A, float>)
+    if (avx512_usable()) return xent_chunk_512<KIND>;
+#endif
+  return xent_chunk<A, KIND>;
+}
+
+template <class A, int KIND> XentBwdRow<A> xent_bwd_row_for_cpu() {
+#if PK_HAVE_AVX512
+  if constexpr (std::is_same_v<A, float>)
+    if (avx512_usable()) return xent_bwd_row_512<KIND>;
+#endif
+  return xent_bwd_row<A, KIND>;
+}
+
+template <class A, int KIND> void xent_fwd_rows(const A* cos, std::int64_t N, std::int64_t begin, std::int64_t end,
+                                                A scale, const std::int64_t* labels, const A* targets, A* out_loss,
+                                                A* out_lse) {
+  const XentChunk<A> chunk = xent_chunk_for_cpu<A, KIND>();
   const A inv_n = A(1) / A(N);
   for (std::int64_t b = begin; b < end; ++b) {
     const A* row = cos + b * N;
     const A* target = KIND == kXentDense ? targets + b * N : nullptr;
     const std::int64_t label = KIND == kXentIndex ? labels[b] : -1;
     XentState<A> st = xent_empty<A>();
-    for (std::int64_t c0 = 0; c0 < N; c0 += kChunk) {
-      const std::int64_t len = std::min(kChunk, N - c0);
-      const A max = scaled_max(row + c0, len, scale);
-      const A shift = lse_shift(max);
-      A sum = 0, weighted = 0, weight = 0;
-#pragma omp simd reduction(+ : sum, weighted, weight)
-      for (std::int64_t i = 0; i < len; ++i) {
-        const std::int64_t n = c0 + i;
-        const A z = mul_rn(scale, row[n]);
-        const A w = xent_weight<KIND>(n, label, inv_n, KIND == kXentDense ? target[n] : A(0));
-        sum += exp_acc(z - shift);
-        weighted += w * (z - shift);
-        weight += w;
-      }
-      st = xent_merge(st, XentState<A>{{max, sum}, weighted, weight});
-    }
+    for (std::int64_t c0 = 0; c0 < N; c0 += kChunk)
+      st = xent_merge(st, chunk(row, target, c0, std::min(kChunk, N - c0), label, inv_n, scale));
     out_lse[b] = lse_value(st.lse);
     out_loss[b] = xent_loss(xent_mass<KIND>(st.weight), st);
   }
 }
 
-template <class A, int KIND> PK_CPU_CLONES void xent_bwd_rows(const A* cos, std::int64_t N, std::int64_t begin,
-                                                              std::int64_t end, A scale, const std::int64_t* labels,
-                                                              const A* targets, const A* lse, const A* grad_loss,
-                                                              A* out_dcos) {
+template <class A, int KIND> void xent_bwd_rows(const A* cos, std::int64_t N, std::int64_t begin, std::int64_t end,
+                                                A scale, const std::int64_t* labels, const A* targets, const A* lse,
+                                                const A* grad_loss, A* out_dcos) {
+  const XentBwdRow<A> bwd_row = xent_bwd_row_for_cpu<A, KIND>();
   const A inv_n = A(1) / A(N);
   for (std::int64_t b = begin; b < end; ++b) {
-    const A* row = cos + b * N;
     const A* target = KIND == kXentDense ? targets + b * N : nullptr;
-    const std::int64_t label = KIND == kXentIndex ? labels[b] : -1;
     A weight = 0;
     if (KIND == kXentDense) {
 #pragma omp simd reduction(+ : weight)
       for (std::int64_t n = 0; n < N; ++n) weight += target[n];
     }
-    const A mass = xent_mass<KIND>(weight);
-    const A grad_scale = grad_loss[b] * scale;
-    const A row_lse = lse[b];
-    A* out = out_dcos + b * N;
-#pragma omp simd
-    for (std::int64_t n = 0; n < N; ++n) {
-      const A w = xent_weight<KIND>(n, label, inv_n, KIND == kXentDense ? target[n] : A(0));
-      out[n] = xent_dcos(grad_scale, mass, exp_acc(mul_rn(scale, row[n]) - row_lse), w);
-    }
+    bwd_row(cos + b * N, target, N, KIND == kXentIndex ? labels[b] : -1, inv_n, scale, grad_loss[b] * scale,
+            xent_mass<KIND>(weight), lse[b], out_dcos + b * N);
   }
 }
 
@@ -158,10 +207,10 @@ void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::i
     invalid(fn, "seg_offsets must start at 0 and end at N = " + std::to_string(N) + ", got " +
                     std::to_string(seg_offsets[0]) + " ... " + std::to_string(seg_offsets[S]));
   for (std::int64_t s = 0; s < S; ++s)
-    if (seg_offsets[s + 1] <= seg_offsets[s])
-      invalid(fn, "seg_offsets must increase strictly (no empty segment), got seg_offsets[" + std::to_string(s) +
-                      "] = " + std::to_string(seg_offsets[s]) + " and seg_offsets[" + std::to_string(s + 1) +
-                      "] = " + std::to_string(seg_offsets[s + 1]));
+    if (seg_offsets[s + 1] < seg_offsets[s])
+      invalid(fn, "seg_offsets must not decrease, got seg_offsets[" + std::to_string(s) + "] = " +
+                      std::to_string(seg_offsets[s]) + " and seg_offsets[" + std::to_string(s + 1) + "] = " +
+                      std::to_string(seg_offsets[s + 1]));
   dispatch_dtype(fn, dtype, [&](auto tag) {
     using A = decltype(tag);
     if (B == 0) return;
@@ -169,9 +218,10 @@ void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::i
     require_ptr(fn, "out_max", out_max);
     require_ptr(fn, "out_min", out_min);
     require_ptr(fn, "out_lse", out_lse);
+    const ChunkStats<A> chunk = chunk_stats_for_cpu<A>();
     parallel_ranges(B, B * N, [&](std::int64_t begin, std::int64_t end) {
       segment_rows<A>(static_cast<const A*>(cos), N, begin, end, seg_offsets, static_cast<const A*>(seg_scales), S,
-                      static_cast<A*>(out_max), static_cast<A*>(out_min), static_cast<A*>(out_lse));
+                      static_cast<A*>(out_max), static_cast<A*>(out_min), static_cast<A*>(out_lse), chunk);
     });
   });
 }
