@@ -91,3 +91,17 @@ def test_neglabel_single_group_is_id_mass():
     probs = torch.softmax(reference.cosine_logits(image, torch.cat([pos, negatives])) / 0.01, dim=-1)
     expected = probs[:, :4].sum(dim=-1)
     torch.testing.assert_close(ops.neglabel_score(image, pos, negatives, groups=1, backend="cpp"), expected)
+
+
+def test_cpp_scores_in_row_blocks_match_one_pass(monkeypatch):
+    """A large [B, N] product is computed in row blocks of one reused buffer (the last block partial)."""
+    from promptkit.ops import _primitives
+
+    image, pos, neg = make_inputs((37, 7, 3, 16), torch.float32, "cpu")[:3]
+    negatives = neg.reshape(-1, 16)
+    calls = _score_calls(image, pos, neg)
+    whole = {name: call("cpp", image, pos, neg, negatives) for name, call in calls.items()}
+    monkeypatch.setattr(_primitives, "BLOCK_BYTES", 5 * 28 * 4)  # lsn: N = C (1 + K) = 28 columns, 5 rows a block
+    for name, call in calls.items():
+        torch.testing.assert_close(call("cpp", image, pos, neg, negatives), whole[name], rtol=1e-6, atol=1e-7,
+                                   msg=name)
