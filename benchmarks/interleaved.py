@@ -1,4 +1,5 @@
-"""The op benchmarks' cells timed interleaved: every implementation of a case once per round, in turn, median of the rounds.
+"""The op benchmarks' cells timed interleaved: every implementation of a case once per round, in turn, median of
+the rounds.
 
     python benchmarks/interleaved.py scores losses [--rounds 7] [--threads 1] [--baseline OTHER_C.so]
 

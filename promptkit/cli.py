@@ -103,6 +103,19 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--plots", action="store_true", help="also write score histograms and ROC curves")
 
 
+def _add_learning_args(parser: argparse.ArgumentParser, output_help: str, output_default: str | None,
+                       set_metavar: str, set_help: str) -> None:
+    """The flags of the commands that train: shots, output folder, method settings, model, data and run."""
+    parser.add_argument("--shots", type=_count(0), default=None,
+                        help="training images per class (0: all; default: the method's paper protocol, its "
+                             "default_shots)")
+    parser.add_argument("--output", default=output_default, help=output_help)
+    parser.add_argument("--set", action="append", default=[], metavar=set_metavar, help=set_help)
+    _add_model_args(parser)
+    _add_data_args(parser)
+    _add_run_args(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from promptkit.methods import METHODS, TrainingData
 
@@ -112,16 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="learn prompts (or set up a zero-shot method), evaluate, save")
     train.add_argument("--method", required=True, choices=sorted(METHODS))
-    train.add_argument("--shots", type=_count(0), default=None,
-                       help="training images per class (0: all; default: the method's paper protocol, 16 or "
-                            "LSN's 128)")
     train.add_argument("--seed", type=_count(0), default=1)
-    train.add_argument("--output", help="folder for prompts and metrics (default promptkit_runs/METHOD-seedS)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a method setting, e.g. --set epochs=10 (see the method's Config)")
-    _add_model_args(train)
-    _add_data_args(train)
-    _add_run_args(train)
+    _add_learning_args(train, "folder for prompts and metrics (default promptkit_runs/METHOD-seedS)", None,
+                       "KEY=VALUE", "override a method setting, e.g. --set epochs=10 (see the method's Config)")
 
     evaluate = sub.add_parser("eval", help="evaluate saved prompts on ID and OOD sets")
     evaluate.add_argument("--prompts", required=True, help="folder written by `promptkit train`")
@@ -145,14 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train and evaluate several methods over several seeds")
     compare.add_argument("--methods", required=True, help="comma-separated, e.g. mcm,coop")
     compare.add_argument("--seeds", default="1,2,3")
-    compare.add_argument("--shots", type=_count(0), default=None,
-                         help="training images per class (default: each method's paper protocol)")
-    compare.add_argument("--output", default="promptkit_runs/compare")
-    compare.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                         help="override a setting of one method, e.g. --set coop.epochs=10")
-    _add_model_args(compare)
-    _add_data_args(compare)
-    _add_run_args(compare)
+    _add_learning_args(compare, "folder for compare.json and compare.md", "promptkit_runs/compare",
+                       "METHOD.KEY=VALUE", "override a setting of one method, e.g. --set coop.epochs=10")
 
     label_driven = sorted(name for name, cls in METHODS.items() if cls.training_data is TrainingData.LABEL_IMAGES)
     collect = sub.add_parser("collect", help="collect the training images of a label-driven method (LAPT): its "

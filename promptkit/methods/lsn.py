@@ -19,7 +19,8 @@ with the cross-entropy taken of softmax(100 cos) (a double softmax), negative Ad
 softmax on 20 (1 - cos), the orthogonality term of the code (``ortho="code"``: for the set being trained, the
 mean over classes of (cos to set j + cos to set l) / 2 with the signed cosine, weight 1; in the paper's Eq. 7
 units that is 2C times weaker than lambda = 1 on sum |cos|) and the test score MCM + mean_k max_c
-softmax((1 - cos) / 5) (``score_rule="official"``). Presets are applied before the user's ``--set`` values, which always win.
+softmax((1 - cos) / 5) (``score_rule="official"``). Presets are applied before the user's ``--set`` values,
+which always win.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ contiguous column segments, so every backend computes one fused ``segment_stats`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -90,15 +92,20 @@ def _check_inputs(image: Tensor, temperature: float, pos_text: Tensor, neg_text:
     _checks.positive("temperature", temperature)
 
 
+def _run(backend: str, image: Tensor, inputs: dict[str, Tensor], reference_score: Callable[[], Tensor],
+         fused_score: Callable[[str], Tensor]) -> Tensor:
+    """The reference score on the torch backend, else the fused op on ``backend``; a NaN or infinite score is
+    refused naming the input it came from (``inputs``, by name)."""
+    backend = _checks.backend_for(backend, image)
+    score = reference_score() if backend == "torch" else fused_score(backend)
+    return _checks.finite(score, image=image, **inputs)
+
+
 def mcm_score(image: Tensor, text: Tensor, temperature: float = 1.0, backend: str = "auto") -> Tensor:
     """MCM: max_c softmax_c(cos(image, text_c) / temperature). image [B, D], text [C, D] -> [B]."""
     _check_inputs(image, temperature, text)
-    backend = _checks.backend_for(backend, image)
-    if backend == "torch":
-        score = reference.mcm_score(image, text, temperature)
-    else:
-        score = _mcm_score(image.detach(), text.detach(), float(temperature), backend)
-    return _checks.finite(score, image=image, text=text)
+    return _run(backend, image, dict(text=text), lambda: reference.mcm_score(image, text, temperature),
+                lambda b: _mcm_score(image.detach(), text.detach(), float(temperature), b))
 
 
 def negprompt_score(
@@ -109,13 +116,10 @@ def negprompt_score(
     image [B, D], pos_text [C, D], neg_text [C, K, D] -> [B].
     """
     _check_inputs(image, temperature, pos_text, neg_text)
-    backend = _checks.backend_for(backend, image)
-    if backend == "torch":
-        score = reference.negprompt_score(image, pos_text, neg_text, temperature)
-    else:
-        neg_flat = neg_text.detach().reshape(-1, neg_text.shape[-1])
-        score = _negprompt_score(image.detach(), pos_text.detach(), neg_flat, float(temperature), backend)
-    return _checks.finite(score, image=image, pos_text=pos_text, neg_text=neg_text)
+    neg_flat = neg_text.detach().reshape(-1, neg_text.shape[-1])
+    return _run(backend, image, dict(pos_text=pos_text, neg_text=neg_text),
+                lambda: reference.negprompt_score(image, pos_text, neg_text, temperature),
+                lambda b: _negprompt_score(image.detach(), pos_text.detach(), neg_flat, float(temperature), b))
 
 
 def lsn_score(
@@ -132,13 +136,10 @@ def lsn_score(
     """
     _check_inputs(image, temperature, pos_text, neg_text)
     _checks.positive("neg_temperature", neg_temperature)
-    backend = _checks.backend_for(backend, image)
-    if backend == "torch":
-        score = reference.lsn_score(image, pos_text, neg_text, temperature, neg_temperature)
-    else:
-        score = _lsn_score(image.detach(), pos_text.detach(), neg_text.detach(), float(temperature),
-                           float(neg_temperature), backend)
-    return _checks.finite(score, image=image, pos_text=pos_text, neg_text=neg_text)
+    return _run(backend, image, dict(pos_text=pos_text, neg_text=neg_text),
+                lambda: reference.lsn_score(image, pos_text, neg_text, temperature, neg_temperature),
+                lambda b: _lsn_score(image.detach(), pos_text.detach(), neg_text.detach(), float(temperature),
+                                     float(neg_temperature), b))
 
 
 def min_concept_score(image: Tensor, neg_text: Tensor, neg_temperature: float = 5.0, backend: str = "auto"
@@ -149,12 +150,9 @@ def min_concept_score(image: Tensor, neg_text: Tensor, neg_temperature: float = 
     image [B, D], neg_text [C, K, D] -> [B].
     """
     _check_inputs(image, neg_temperature, neg_text[:, 0], neg_text)
-    backend = _checks.backend_for(backend, image)
-    if backend == "torch":
-        score = reference.min_concept_score(image, neg_text, neg_temperature)
-    else:
-        score = _min_concept_score(image.detach(), neg_text.detach(), float(neg_temperature), backend)
-    return _checks.finite(score, image=image, neg_text=neg_text)
+    return _run(backend, image, dict(neg_text=neg_text),
+                lambda: reference.min_concept_score(image, neg_text, neg_temperature),
+                lambda b: _min_concept_score(image.detach(), neg_text.detach(), float(neg_temperature), b))
 
 
 def neglabel_score(
@@ -183,14 +181,14 @@ def neglabel_score(
         raise ValueError(f"groups must be in [1, M={neg_text.shape[0]}], got {groups}")
     if group_order not in reference.GROUP_ORDERS:
         raise ValueError(f"group_order must be one of {reference.GROUP_ORDERS}, got {group_order!r}")
-    backend = _checks.backend_for(backend, image)
-    if backend == "torch":
-        score = reference.neglabel_score(image, id_text, neg_text, temperature, groups, seed, group_order)
-    else:
+
+    def fused(b: str) -> Tensor:
         grouped = neg_text
         if groups > 1:
             grouped = neg_text[reference.neglabel_permutation(neg_text.shape[0], seed, groups, group_order)
                                .to(neg_text.device)]
-        score = _neglabel_score(image.detach(), id_text.detach(), grouped.detach(), float(temperature), int(groups),
-                                backend)
-    return _checks.finite(score, image=image, id_text=id_text, neg_text=neg_text)
+        return _neglabel_score(image.detach(), id_text.detach(), grouped.detach(), float(temperature), int(groups), b)
+
+    return _run(backend, image, dict(id_text=id_text, neg_text=neg_text),
+                lambda: reference.neglabel_score(image, id_text, neg_text, temperature, groups, seed, group_order),
+                fused)

@@ -80,10 +80,12 @@ def test_metadata_that_is_not_an_object(saved, clip, text: str, found: str) -> N
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (_drop("format"), rf"written by an older promptkit \(no format version; this promptkit reads format {PROMPTS_FORMAT}\)"),
+    (_drop("format"),
+     rf"written by an older promptkit \(no format version; this promptkit reads format {PROMPTS_FORMAT}\)"),
     (_set("format", PROMPTS_FORMAT - 1), rf"written by an older promptkit \(format {PROMPTS_FORMAT - 1} \(number\);"),
     (_set("format", 1), r"written by an older promptkit \(format 1 \(number\);"),
-    (_set("format", PROMPTS_FORMAT + 1), rf"written by a newer promptkit \(format {PROMPTS_FORMAT + 1}; .*upgrade promptkit"),
+    (_set("format", PROMPTS_FORMAT + 1),
+     rf"written by a newer promptkit \(format {PROMPTS_FORMAT + 1}; .*upgrade promptkit"),
     (_drop("model"), r"model must be an object with name, pretrained and fingerprint, missing"),
     (_set("model", None), r"model must be an object .*, found null \(null\)"),
     (_drop("model.fingerprint"), r"model.fingerprint must be a string, missing"),
