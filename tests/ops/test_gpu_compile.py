@@ -356,8 +356,9 @@ def test_cuda_products_follow_torchs_tf32_switch(tf32_probe, api):
     CUDA kernels (csrc/cuda/tf32.h) and the Triton ones (their tl.dot precision) alike."""
     pytest.importorskip("triton")
     steps, expected = TF32_SETTINGS[api]
+    # outside the source tree, whose promptkit/ lacks the installed promptkit.kernels
     result = subprocess.run([sys.executable, "-c", TF32_SCRIPT, str(tf32_probe), *steps], capture_output=True,
-                            text=True, check=True)
+                            text=True, check=True, cwd=tf32_probe.parent)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [expected, expected], result.stderr
 
 
