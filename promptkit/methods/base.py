@@ -69,9 +69,6 @@ class TextFeatures:
         return TextFeatures(**{name: t.to(features) for name, t in self.parts().items()})
 
 
-TEXT_KINDS = tuple(f.name for f in fields(TextFeatures))
-
-
 class Method:
     """An OOD detector on a frozen CLIP: ``fit`` on image features, ``score`` new ones (higher = more ID).
 
