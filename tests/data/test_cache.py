@@ -18,7 +18,7 @@ from promptkit.data import (
     cache_key,
     extract_features,
 )
-from promptkit.data.cache import FEATURE_KIND, CacheEntry, entry_key, feature_entry
+from promptkit.data.cache import FEATURE_KIND, entry_key, feature_entry
 from promptkit.data.integrity import load_tensors
 from promptkit.negmine import TEXT_KIND, embed_words, text_cache_entry
 
