@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from promptkit.collect import Collection, collect_images, save_collection
-from promptkit.data.atomic import atomic_dir, atomic_write
+from promptkit.data.atomic import atomic_dir
 from promptkit.data.cache import DEFAULT_SHARD_SIZE, Features, extract_features
 from promptkit.data.classnames import class_list
 from promptkit.data.errors import DataError
@@ -22,7 +22,7 @@ from promptkit.data.sources import EmbeddedSource, ImageSource, Subset, embedded
 from promptkit.data.specs import resolve as resolve_benchmark
 from promptkit.errors import ConfigError
 from promptkit.eval.metrics import accuracy, calibrate_threshold
-from promptkit.eval.report import compare_table, summarize, write_json, write_reports
+from promptkit.eval.report import compare_table, summarize, write_json_and_table, write_reports
 from promptkit.methods import METHODS, LabelImages, Method, TrainingData
 from promptkit.methods.config import apply_settings, parse_pairs
 from promptkit.version import __version__
@@ -325,8 +325,5 @@ def save_comparison(directory: str | os.PathLike[str], runs: list[dict[str, Any]
     """Write ``compare.json`` (every run's metrics) and ``compare.md`` (mean +- std per method) into
     ``directory``, both or neither. Returns the Markdown table."""
     table = compare_table(runs)
-    with atomic_dir(directory) as staging:
-        write_json(staging / "compare.json", {"runs": runs, "methods": methods, "seeds": seeds})
-        with atomic_write(staging / "compare.md") as tmp:
-            tmp.write_text(table + "\n")
+    write_json_and_table(directory, "compare", {"runs": runs, "methods": methods, "seeds": seeds}, table)
     return table

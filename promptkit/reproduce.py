@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from promptkit.data.atomic import atomic_dir, atomic_write
 from promptkit.data.classnames import class_names, class_wnids
 from promptkit.data.errors import DataError
 from promptkit.data.sources import ImageFolderSource, ImageSource
 from promptkit.data.specs import resolve
 from promptkit.errors import ConfigError
-from promptkit.eval.report import write_json
+from promptkit.eval.report import write_json_and_table
 
 REFERENCE_FILE = Path(__file__).parent / "data" / "reference_results.json"
 OPENOOD_SETS = {"openood-near": {"SSB-hard": "openood/ssb_hard", "NINCO": "openood/ninco"},
@@ -205,9 +204,6 @@ def save_reproduction(directory: str | Path, protocol: Protocol, runs: list[dict
     neither. Returns the Markdown table."""
     rows = comparison(protocol, runs)
     table = comparison_table(protocol, rows, len(runs))
-    with atomic_dir(directory) as staging:
-        write_json(staging / "reproduce.json", {"protocol": protocol.name, "source": protocol.source,
-                                                "comparison": rows, "runs": runs})
-        with atomic_write(staging / "reproduce.md") as tmp:
-            tmp.write_text(table)
+    write_json_and_table(directory, "reproduce", {"protocol": protocol.name, "source": protocol.source,
+                                                  "comparison": rows, "runs": runs}, table)
     return table

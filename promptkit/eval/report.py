@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from promptkit.data.atomic import atomic_write
+from promptkit.data.atomic import atomic_dir, atomic_write
 from promptkit.eval.metrics import Positive, as_scores, fpr_at_95_tpr, metric_estimators, ood_metrics
 
 METRIC_KEYS = ("fpr95", "auroc", "aupr_in", "aupr_out")
@@ -51,6 +51,14 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)
+
+
+def write_json_and_table(directory: str | os.PathLike[str], stem: str, obj: Any, table: str) -> None:
+    """``<stem>.json`` (``obj``) and ``<stem>.md`` (the Markdown ``table``) into ``directory``: both or neither."""
+    with atomic_dir(directory) as staging:
+        write_json(staging / f"{stem}.json", obj)
+        with atomic_write(staging / f"{stem}.md") as tmp:
+            tmp.write_text(table if table.endswith("\n") else table + "\n")
 
 
 def write_reports(directory: str | os.PathLike[str], metrics: Mapping[str, Any],

@@ -149,7 +149,10 @@ def min_concept_score(image: Tensor, neg_text: Tensor, neg_temperature: float = 
 
     image [B, D], neg_text [C, K, D] -> [B].
     """
-    _check_inputs(image, neg_temperature, neg_text[:, 0], neg_text)
+    _checks.features("image", image, 2)
+    _checks.features("neg_text", neg_text, 3, dim=image.shape[1])
+    _checks.same_device(image=image, neg_text=neg_text)
+    _checks.positive("neg_temperature", neg_temperature)
     return _run(backend, image, dict(neg_text=neg_text),
                 lambda: reference.min_concept_score(image, neg_text, neg_temperature),
                 lambda b: _min_concept_score(image.detach(), neg_text.detach(), float(neg_temperature), b))

@@ -60,6 +60,18 @@ def color_of():
 
 
 @pytest.fixture
+def solid_folder(tmp_path: Path):
+    """solid_folder(n): ``tmp_path/images`` with n solid-colour images (colour i) in classes c0 and c1, by parity."""
+    def make(n: int) -> Path:
+        root = tmp_path / "images"
+        for i in range(n):
+            _write_image(root / f"c{i % 2}" / f"{i}.png", _color_of(i))
+        return root
+
+    return make
+
+
+@pytest.fixture
 def expected_features():
     return _expected_features
 

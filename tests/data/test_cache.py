@@ -26,12 +26,9 @@ from ..integrity_helpers import flip_tensor_byte
 
 
 @pytest.fixture
-def folder(tmp_path: Path, write_image, color_of) -> Path:
+def folder(solid_folder) -> Path:
     """Two classes of three solid-colour images."""
-    root = tmp_path / "images"
-    for i in range(6):
-        write_image(root / f"c{i % 2}" / f"{i}.png", color_of(i))
-    return root
+    return solid_folder(6)
 
 
 def _colors_in_order(source: ImageFolderSource, color_of) -> list[tuple[int, int, int]]:

@@ -34,12 +34,9 @@ def umask():
 
 
 @pytest.fixture
-def folder(tmp_path: Path, write_image, color_of) -> Path:
+def folder(solid_folder) -> Path:
     """Two classes of five solid-colour images."""
-    root = tmp_path / "images"
-    for i in range(10):
-        write_image(root / f"c{i % 2}" / f"{i}.png", color_of(i))
-    return root
+    return solid_folder(10)
 
 
 def _mode(path: Path) -> int:
