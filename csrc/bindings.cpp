@@ -2,8 +2,11 @@
 // tensor.data_ptr(), 0 for an unused one), so the module needs no libtorch; the Python side (promptkit/ops)
 // checks shapes, dtypes and devices and allocates the outputs. Kernels run with the GIL released.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #include "common/defs.h"
 #include "common/ortho.h"
@@ -71,6 +74,28 @@ void def_cpu(py::module_& m) {
       "cos [B, N]; seg_offsets int64 [S + 1] non-decreasing from 0 to N; seg_scales [S];\n"
       "out_max, out_min, out_lse [B, S]; an empty segment gives (-inf, +inf, -inf). dtype 0 (float32) or 1\n"
       "(float64) for all float arrays.");
+  m.def(
+      "cosine_segment_stats_cpu",
+      [](Addr image, std::int64_t B, std::int64_t D, const std::vector<std::tuple<Addr, std::int64_t, std::int64_t>>& text,
+         double eps, Addr seg_offsets, Addr seg_scales, std::int64_t S, Addr out_max, Addr out_min, Addr out_lse) {
+        std::vector<pk::cpu::RowSource> rows;
+        for (const auto& [data, count, stride] : text)
+          rows.push_back({static_cast<const float*>(in(data)), count, stride});
+        pk::cpu::cosine_segment_stats(static_cast<const float*>(in(image)), B, D, rows.data(),
+                                      static_cast<std::int64_t>(rows.size()), eps, idx(seg_offsets),
+                                      static_cast<const float*>(in(seg_scales)), S, static_cast<float*>(out(out_max)),
+                                      static_cast<float*>(out(out_min)), static_cast<float*>(out(out_lse)));
+      },
+      py::arg("image"), py::arg("B"), py::arg("D"), py::arg("text"), py::arg("eps"), py::arg("seg_offsets"),
+      py::arg("seg_scales"), py::arg("S"), py::arg("out_max"), py::arg("out_min"), py::arg("out_lse"), nogil,
+      "segment_stats_cpu of cos = unit(image) @ unit(text)^T by the CPU's own blocked product (the [B, N] cosines\n"
+      "never reach memory). float32 only. image [B, D] raw rows; text a list of (address, rows, row stride) sources\n"
+      "[rows, D] stacked in order into N rows; both normalised as l2norm_fwd_cpu with eps. Needs\n"
+      "product_usable_cpu().");
+  m.def("product_usable_cpu", &pk::cpu::product_usable,
+        "Whether this CPU runs cosine_segment_stats_cpu (AVX2 and FMA).");
+  m.def("vector_isa_cpu", &pk::cpu::vector_isa,
+        "The vector loops this CPU runs: 'avx512' (AVX-512F), 'avx2' (AVX2 and FMA, no AVX-512F) or 'portable'.");
   m.def(
       "xent_fwd_cpu",
       [](Addr cos, std::int64_t B, std::int64_t N, double scale, int kind, Addr labels, Addr targets, Addr out_loss,

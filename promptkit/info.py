@@ -48,6 +48,14 @@ def extras() -> list[str]:
     return lines
 
 
+# What the cpp backend runs on each vector ISA (promptkit._C.vector_isa_cpu()).
+CPU_LOOPS = {
+    "avx512": "AVX-512 exp passes; the scores' products stay with torch's BLAS",
+    "avx2": "AVX2 + FMA exp passes; the scores run promptkit's fused product",
+    "portable": "compiler-vectorised passes; torch's BLAS products",
+}
+
+
 def report() -> str:
     """A human-readable report of the installation."""
     lines = [f"promptkit {__version__}", f"python {platform.python_version()} ({platform.machine()})"]
@@ -60,6 +68,7 @@ def report() -> str:
         build = module.build_info()
         lines.append(f"compiled core: promptkit._C {build['version']} ({build['compiler']}), "
                      f"OpenMP {'on, %d threads' % build['openmp_threads'] if build['openmp'] else 'off'}")
+        lines.append(f"CPU vector loops: {module.vector_isa_cpu()} ({CPU_LOOPS[module.vector_isa_cpu()]})")
         if build["cuda"]:
             archs = ", ".join(f"sm_{a}" for a in build["cuda_archs"].replace(";", ",").split(","))
             lines.append(f"CUDA kernels: built with CUDA {build['cuda_version']} for {archs}")

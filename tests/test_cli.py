@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from promptkit import _C
+
 from .cli_helpers import image_folder, run_cli
 
 
@@ -59,6 +61,7 @@ def test_eval_saved_prompts_matches_training_metrics(trained, cache, tmp_path):
 def test_info_lists_backends(tmp_path, cache):
     result = run_cli("info", cwd=tmp_path, cache=cache)
     assert "backends on cpu" in result.stdout and "cpp" in result.stdout
+    assert f"CPU vector loops: {_C.vector_isa_cpu()} (" in result.stdout
 
 
 def test_usage_error_exits_2(tmp_path, cache):

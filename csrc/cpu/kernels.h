@@ -13,6 +13,27 @@ namespace pk::cpu {
 void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::int64_t* seg_offsets,
                    const void* seg_scales, std::int64_t S, void* out_max, void* out_min, void* out_lse, int dtype);
 
+// Rows [count, D] of a float matrix whose rows are `stride` floats apart (columns contiguous).
+struct RowSource {
+  const float* data;
+  std::int64_t count;
+  std::int64_t stride;
+};
+
+// Whether this CPU runs cosine_segment_stats (AVX2 and FMA).
+bool product_usable();
+
+// The vector loops this CPU runs: "avx512" (AVX-512F), "avx2" (AVX2 and FMA, no AVX-512F) or "portable".
+const char* vector_isa();
+
+// Segment statistics as segment_stats, of cos = unit(image) unit(text)^T computed by the CPU's own product
+// (cpu/product.h), so the [B, N] cosines never reach memory: image [B, D] float32 rows, the text the rows of the
+// `sources` RowSources stacked in order (N in all), every row normalised with l2norm's clamp at eps. Needs
+// product_usable().
+void cosine_segment_stats(const float* image, std::int64_t B, std::int64_t D, const RowSource* text,
+                          std::int64_t sources, double eps, const std::int64_t* seg_offsets, const float* seg_scales,
+                          std::int64_t S, float* out_max, float* out_min, float* out_lse);
+
 // cos [B, N]; kind 0: labels int64 [B]; kind 1: uniform; kind 2: targets [B, N]; kind 3 (multilabel soft
 // margin): labels int64 [B] in [0, N / group), y_bn = 1 iff n / group == labels[b]. Writes out_loss, out_lse [B]
 // (out_lse is 0 for kind 3, whose backward needs no row statistic).

@@ -1,7 +1,8 @@
 // CPU segment_stats, xent_fwd and xent_bwd: one pass over each row of the precomputed cosine matrix, folded
 // into the online max / sum-exp state chunk by chunk (a chunk's max pass and exp pass both hit L1). The chunk and
-// row loops have portable versions here and AVX-512 ones for float (cpu/avx512.h), chosen once per call. The
-// multilabel kind has no softmax: one vector pass of independent per-column terms.
+// row loops have portable versions here and AVX-512 and AVX2 ones for float (cpu/avx512.h, cpu/avx2.h), chosen
+// once per call. The multilabel kind has no softmax: one vector pass of independent per-column terms.
+// cosine_segment_stats fuses segment_stats into the CPU's own product (cpu/product.h).
 #include <algorithm>
 #include <string>
 #include <type_traits>
@@ -9,9 +10,11 @@
 #include "common/checks.h"
 #include "common/online_lse.h"
 #include "common/xent.h"
+#include "cpu/avx2.h"
 #include "cpu/avx512.h"
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
+#include "cpu/product.h"
 
 namespace pk::cpu {
 namespace {
@@ -28,12 +31,16 @@ template <class A> PK_CPU_CLONES void chunk_stats(const A* x, std::int64_t len, 
 
 template <class A> using ChunkStats = void (*)(const A*, std::int64_t, A, A&, A&, A&);
 
-// The portable chunk loop, or the AVX-512 one for float on a CPU that has it.
+// The portable chunk loop, or the AVX-512 or AVX2 one for float on a CPU that has it.
 template <class A> ChunkStats<A> chunk_stats_for_cpu() {
+  if constexpr (std::is_same_v<A, float>) {
 #if PK_HAVE_AVX512
-  if constexpr (std::is_same_v<A, float>)
     if (avx512_usable()) return chunk_stats_512;
 #endif
+#if PK_HAVE_AVX2
+    if (avx2_usable()) return chunk_stats_256;
+#endif
+  }
   return chunk_stats<A>;
 }
 
@@ -92,20 +99,28 @@ template <class A> using XentChunk = XentState<A> (*)(const A*, const A*, std::i
                                                       A, A);
 template <class A> using XentBwdRow = void (*)(const A*, const A*, std::int64_t, std::int64_t, A, A, A, A, A, A*);
 
-// The portable loops, or the AVX-512 ones for float on a CPU that has them.
+// The portable loops, or the AVX-512 or AVX2 ones for float on a CPU that has them.
 template <class A, int KIND> XentChunk<A> xent_chunk_for_cpu() {
+  if constexpr (std::is_same_v<A, float>) {
 #if PK_HAVE_AVX512
-  if constexpr (std::is_same_v<A, float>)
     if (avx512_usable()) return xent_chunk_512<KIND>;
 #endif
+#if PK_HAVE_AVX2
+    if (avx2_usable()) return xent_chunk_256<KIND>;
+#endif
+  }
   return xent_chunk<A, KIND>;
 }
 
 template <class A, int KIND> XentBwdRow<A> xent_bwd_row_for_cpu() {
+  if constexpr (std::is_same_v<A, float>) {
 #if PK_HAVE_AVX512
-  if constexpr (std::is_same_v<A, float>)
     if (avx512_usable()) return xent_bwd_row_512<KIND>;
 #endif
+#if PK_HAVE_AVX2
+    if (avx2_usable()) return xent_bwd_row_256<KIND>;
+#endif
+  }
   return xent_bwd_row<A, KIND>;
 }
 
@@ -193,11 +208,8 @@ void check_xent(const char* fn, const void* cos, std::int64_t B, std::int64_t N,
   if (kind == kXentDense && B > 0) require_ptr(fn, "targets", targets);
 }
 
-}  // namespace
-
-void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::int64_t* seg_offsets,
-                   const void* seg_scales, std::int64_t S, void* out_max, void* out_min, void* out_lse, int dtype) {
-  const char* fn = "segment_stats_cpu";
+void check_segments(const char* fn, std::int64_t B, std::int64_t N, const std::int64_t* seg_offsets,
+                    const void* seg_scales, std::int64_t S) {
   require_at_least(fn, "B", B, 0);
   require_at_least(fn, "N", N, 1);
   require_at_least(fn, "S", S, 1);
@@ -211,6 +223,59 @@ void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::i
       invalid(fn, "seg_offsets must not decrease, got seg_offsets[" + std::to_string(s) + "] = " +
                       std::to_string(seg_offsets[s]) + " and seg_offsets[" + std::to_string(s + 1) + "] = " +
                       std::to_string(seg_offsets[s + 1]));
+}
+
+#if PK_HAVE_AVX2
+// The segment statistics of each strip of unit_product's cosines, folded into per-(row, segment) states that live
+// in the outputs until a row's last strip: out_max holds the running max, out_min the min, out_lse the sum-exp.
+struct SegmentEpilogue {
+  const std::int64_t* offsets;
+  const float* scales;
+  std::int64_t S;
+  float *out_max, *out_min, *out_lse;
+
+  void block(std::int64_t r0, std::int64_t rows, std::int64_t n0, std::int64_t cols, const float* strip,
+             std::int64_t ldc) const {
+    // the segments that meet columns [n0, n0 + cols): from the first that ends past n0 (NegLabel has 101)
+    const std::int64_t first = std::upper_bound(offsets + 1, offsets + S + 1, n0) - (offsets + 1);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t at = (r0 + r) * S;
+      if (n0 == 0)
+        for (std::int64_t s = 0; s < S; ++s) {
+          out_max[at + s] = -infinity<float>();
+          out_min[at + s] = infinity<float>();
+          out_lse[at + s] = 0.0f;
+        }
+      for (std::int64_t s = first; s < S && offsets[s] < n0 + cols; ++s) {
+        const std::int64_t lo = std::max(offsets[s], n0), hi = std::min(offsets[s + 1], n0 + cols);
+        LseState<float> st{out_max[at + s], out_lse[at + s]};
+        float seg_min = out_min[at + s];
+        for (std::int64_t c0 = lo; c0 < hi; c0 += kChunk) {
+          float max, min, sum;
+          chunk_stats_256(strip + r * ldc + (c0 - n0), std::min(kChunk, hi - c0), scales[s], max, min, sum);
+          st = lse_merge(st, LseState<float>{max, sum});
+          seg_min = min < seg_min ? min : seg_min;
+        }
+        out_max[at + s] = st.max;
+        out_lse[at + s] = st.sum;
+        out_min[at + s] = seg_min;
+      }
+    }
+  }
+
+  void done(std::int64_t r0, std::int64_t rows) const {
+    for (std::int64_t i = r0 * S; i < (r0 + rows) * S; ++i)
+      segment_finish(LseState<float>{out_max[i], out_lse[i]}, out_min[i], out_max + i, out_min + i, out_lse + i);
+  }
+};
+#endif
+
+}  // namespace
+
+void segment_stats(const void* cos, std::int64_t B, std::int64_t N, const std::int64_t* seg_offsets,
+                   const void* seg_scales, std::int64_t S, void* out_max, void* out_min, void* out_lse, int dtype) {
+  const char* fn = "segment_stats_cpu";
+  check_segments(fn, B, N, seg_offsets, seg_scales, S);
   dispatch_dtype(fn, dtype, [&](auto tag) {
     using A = decltype(tag);
     if (B == 0) return;
@@ -280,6 +345,35 @@ void xent_bwd(const void* cos, std::int64_t B, std::int64_t N, double scale, int
       });
     });
   });
+}
+
+bool product_usable() { return avx2_usable(); }
+
+const char* vector_isa() { return avx512_usable() ? "avx512" : avx2_usable() ? "avx2" : "portable"; }
+
+void cosine_segment_stats(const float* image, std::int64_t B, std::int64_t D, const RowSource* text,
+                          std::int64_t sources, double eps, const std::int64_t* seg_offsets, const float* seg_scales,
+                          std::int64_t S, float* out_max, float* out_min, float* out_lse) {
+  const char* fn = "cosine_segment_stats_cpu";
+  require_at_least(fn, "D", D, 1);
+  std::int64_t N = 0;
+  for (std::int64_t s = 0; s < sources; ++s) {
+    require_at_least(fn, "text rows", text[s].count, 0);
+    require_at_least(fn, "text row stride", text[s].stride, D);
+    if (text[s].count > 0) require_ptr(fn, "text", text[s].data);
+    N += text[s].count;
+  }
+  check_segments(fn, B, N, seg_offsets, seg_scales, S);
+  if (!product_usable()) invalid(fn, "this CPU has no AVX2 and FMA (see product_usable_cpu)");
+  if (B == 0) return;
+  require_ptr(fn, "image", image);
+  require_ptr(fn, "out_max", out_max);
+  require_ptr(fn, "out_min", out_min);
+  require_ptr(fn, "out_lse", out_lse);
+#if PK_HAVE_AVX2
+  const SegmentEpilogue epilogue{seg_offsets, seg_scales, S, out_max, out_min, out_lse};
+  unit_product(image, B, D, text, N, float(eps), epilogue);
+#endif
 }
 
 }  // namespace pk::cpu

@@ -11,6 +11,10 @@ the public ops validate the user's inputs (``_checks``) before any primitive run
 - ``segment_stats(img, txt, offsets, scales) -> (max, min, logsumexp)`` of scale_s * cos over column segments
   (non-decreasing offsets from 0 to N; an empty segment gives -inf, +inf, -inf: the identities of max, min and
   logsumexp, as ``torch.logsumexp`` gives over no element);
+- ``cosine_stats(image, texts, offsets, scales)``: ``segment_stats`` of the raw image rows against the raw rows of
+  ``texts`` stacked in order, both normalised as ``l2norm`` does (what the scores need). The GPU backends and the
+  cpp backend's fp64 path normalise, concatenate and call ``segment_stats``; on AVX2 CPUs without AVX-512 the cpp
+  backend runs fp32 on its own blocked product (``csrc/cpu/product.h``), normalising while it packs the operands;
 - ``xent(img, txt, scale, kind, labels, targets, group) -> (loss rows, logsumexp rows, saved)`` and
   ``xent_backward(..., lse, grad_rows, saved, group) -> dcos``: loss_b = a_b * lse_b(z) - sum_n w_bn z_bn with
   z = scale * cos and targets w given by ``kind`` (``abi.XENT_INDEX``: index ``labels``, ``XENT_UNIFORM``: uniform
@@ -66,7 +70,18 @@ def _constants_on(values: list, dtype: torch.dtype, device: torch.device) -> Ten
     return _cached_constants(tuple(values), dtype, torch.device(device))
 
 
-class _Compiled:
+class _Primitives:
+    """What every backend derives from its own primitives."""
+
+    def cosine_stats(self, image: Tensor, texts: list[Tensor], offsets: list[int], scales: list[float]):
+        """segment_stats of image [B, D] against the rows of ``texts`` ([n_i, D] each) stacked in order, all rows
+        normalised here."""
+        unit_image, _ = self.l2norm(image)
+        unit_text, _ = self.l2norm(torch.cat(texts), overwrite=True)  # one copy of the text rows, normalised in place
+        return self.segment_stats(unit_image, unit_text, offsets, scales)
+
+
+class _Compiled(_Primitives):
     """Shared pointer plumbing of the C++ (CPU) and CUDA backends of ``promptkit._C``."""
 
     suffix = ""
@@ -168,6 +183,33 @@ class CppPrimitives(_Compiled):
                                      *(o[r0:r1].data_ptr() for o in out), _DTYPE_CODES[cos.dtype])
         return tuple(out)
 
+    def fused_product(self) -> bool:
+        """Whether fp32 ``cosine_stats`` runs the fused product: on AVX2 CPUs without AVX-512, where MKL's product
+        reaches about 64 % of the FMA peak and ours more (benchmarks/README.md). AVX-512 CPUs keep MKL and the
+        separate passes: there MKL is within 5 % of a hand-written product."""
+        return self.C.vector_isa_cpu() == "avx2"
+
+    def cosine_stats(self, image, texts, offsets, scales):
+        image = image.float() if image.dtype in (torch.float16, torch.bfloat16) else image
+        texts = [t.to(image.dtype) for t in texts]
+        if image.dtype != torch.float32 or not self.fused_product():
+            return super().cosine_stats(image, texts, offsets, scales)
+        return self.fused_cosine_stats(image, texts, offsets, scales)
+
+    def fused_cosine_stats(self, image: Tensor, texts: list[Tensor], offsets: list[int], scales: list[float]):
+        """``cosine_stats`` by the fused product (fp32; needs ``C.product_usable_cpu()``)."""
+        image = image.contiguous()
+        # row-strided views (LSN's negative sets neg_text[:, k]) are read in place
+        texts = [t if t.stride(-1) == 1 else t.contiguous() for t in texts]
+        B, S = image.shape[0], len(scales)
+        seg_offsets, seg_scales = self._segments(offsets, scales, image)
+        out = [image.new_empty(B, S) for _ in range(3)]
+        self.C.cosine_segment_stats_cpu(image.data_ptr(), B, image.shape[1],
+                                        [(t.data_ptr(), t.shape[0], t.stride(0)) for t in texts], abi.L2NORM_EPS,
+                                        seg_offsets.data_ptr(), seg_scales.data_ptr(), S,
+                                        *(o.data_ptr() for o in out))
+        return tuple(out)
+
     def xent(self, img, txt, scale, kind, labels=None, targets=None, group=1):
         cos = self._prep(img) @ self._prep(txt).T
         labels = None if labels is None else labels.contiguous()
@@ -240,7 +282,7 @@ class CudaPrimitives(_Compiled):
         return dcos
 
 
-class TritonPrimitives:
+class TritonPrimitives(_Primitives):
     """Triton kernels (``promptkit.kernels``) on CUDA tensors, or on CPU under TRITON_INTERPRET=1."""
 
     def __init__(self) -> None:

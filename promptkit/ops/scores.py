@@ -18,10 +18,7 @@ from promptkit.ops._primitives import primitives
 
 def _stats(image: Tensor, texts: list[Tensor], offsets: list[int], scales: list[float], backend: str):
     """Segment statistics of image [B, D] against the rows of ``texts`` ([n_i, D] each) stacked in order."""
-    prim = primitives(backend)
-    unit_image, _ = prim.l2norm(image)
-    unit_text, _ = prim.l2norm(torch.cat(texts), overwrite=True)  # one copy of the text rows, normalised in place
-    return prim.segment_stats(unit_image, unit_text, offsets, scales)
+    return primitives(backend).cosine_stats(image, texts, offsets, scales)
 
 
 def _rows(image: Tensor) -> Tensor:

@@ -13,12 +13,14 @@ text rows whose product is a given matrix exactly (the kernels compute img @ txt
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from promptkit import abi
-from promptkit.ops._primitives import acc_dtype, primitives, saved_shape
+from promptkit.ops._primitives import _Primitives, acc_dtype, primitives, saved_shape
 
 from .conftest import CPU_BACKENDS, assert_matches_formula, primitive_params
 
@@ -234,6 +236,119 @@ def test_segment_stats_nan_and_infinities(backend, device, dtype, case):
         for stat, ref in zip(stats, refs):
             assert stat[0, 0] == ref[0] == scale * torch.inf
             torch.testing.assert_close(stat[1].cpu(), ref[1:].to(stat.dtype))
+
+
+# ---------------------------------------------------------------- cosine_stats
+
+# (B, D, rows of each text source, scales): raw rows, one segment per source. The cpp fused product
+# (csrc/cpu/product.h) has 6-row tiles in blocks of 8, 16-column panels, 256-deep blocks and windows of
+# 128 KB / (4 D) columns, so the cases cross each of those edges; the other paths normalise and call
+# segment_stats.
+COSINE_STATS = [
+    (1, 1, [1], [1.0], None),
+    (5, 7, [3, 4], [100.0, -5.0], None),
+    (13, 17, [33], [1 / 0.07], None),                     # a row past a tile, a column past a panel, D % 8 != 0
+    (100, 600, [700, 1, 300], [100.0, 20.0, -3.0], None),  # tile blocks, windows of 48 columns, three depth blocks
+    (30, 1030, [40, 0, 25], [1.0, 2.0, 3.0], None),        # an empty source, five depth blocks, one-panel windows
+    (50, 64, [300] + [7] * 40, [50.0] * 41, None),         # many segments in one window (NegLabel's shape)
+]
+INTERPRETED_COSINE_STATS = [(5, 9, [4, 7], [10.0, -3.5], None)]
+
+
+def text_sources(counts: list[int], D: int, seed: int) -> list[torch.Tensor]:
+    """Raw text rows, each source a row-strided view (as LSN's negative sets neg_text[:, k] are)."""
+    return [rand(n, 2, D, seed=seed + i, scale=1.5 + i)[:, 1] for i, n in enumerate(counts)]
+
+
+def assert_cosine_stats(stats_fn, case, dtype, device):
+    """stats_fn(image, texts, offsets, scales) against segment_stats_oracle of the normalised rows."""
+    B, D, counts, scales, _ = case
+    offsets = [sum(counts[:s]) for s in range(len(counts) + 1)]
+    image = on(rand(B, D, seed=4, scale=3.0), dtype, device)
+    texts = [on(t, dtype, device) for t in text_sources(counts, D, seed=5)]
+    stats = stats_fn(image, texts, offsets, scales)
+    live = [s for s in range(len(scales)) if offsets[s + 1] > offsets[s]]
+    empty = [s for s in range(len(scales)) if offsets[s + 1] == offsets[s]]
+    for i, name in enumerate(["max", "min", "lse"]):
+        assert_acc(stats[i], dtype)
+        assert_matches_formula(
+            stats[i][:, live].cpu(),
+            lambda a, b: segment_stats_oracle(l2norm_oracle(a) @ l2norm_oracle(b).T, offsets, scales)[i][:, live],
+            image, torch.cat(texts), what=name)
+        identity = (-torch.inf, torch.inf, -torch.inf)[i]
+        assert (stats[i][:, empty] == identity).all(), f"{name} of an empty segment is not {identity}"
+
+
+def assert_zero_and_nan_rows(stats_fn, dtype, device):
+    image, texts = rand(14, 20, seed=6), text_sources([40, 9], 20, seed=7)
+    image[3] = 0.0  # clamped at eps: every cosine 0, so max = min = 0 and lse = log(40) in the clean segment
+    image[12, 5] = NAN
+    texts[1][4, 0] = NAN
+    mx, mn, lse = (s.cpu().double() for s in stats_fn(on(image, dtype, device), [on(t, dtype, device) for t in texts],
+                                                       [0, 40, 49], [7.0, 7.0]))
+    assert mx[3, 0] == 0 and mn[3, 0] == 0
+    torch.testing.assert_close(lse[3, 0].item(), torch.tensor(40.0).log().item())
+    clean = [r for r in range(14) if r != 12]
+    for stat in (mx, mn, lse):
+        assert stat[12].isnan().all()                                         # a NaN image row poisons its row
+        assert stat[clean, 1].isnan().all() and stat[clean, 0].isfinite().all()  # a NaN text row its segment
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("backend,device,dtype,case", primitive_params(COSINE_STATS, INTERPRETED_COSINE_STATS,
+                                                                        ALL_DTYPES, (torch.float32, torch.float64)))
+def test_cosine_stats(backend, device, dtype, case, monkeypatch):
+    prim = prepare(backend, case[-1], monkeypatch)
+    assert_cosine_stats(prim.cosine_stats, case, dtype, device)
+
+
+@pytest.mark.parametrize("backend,device,dtype,case", primitive_params([None], [None]))
+def test_cosine_stats_zero_and_nan_rows(backend, device, dtype, case):
+    assert_zero_and_nan_rows(primitives(backend).cosine_stats, dtype, device)
+
+
+def fused_product():
+    """The cpp backend, skipping where the CPU cannot run its fused product."""
+    cpp = primitives("cpp")
+    if not cpp.C.product_usable_cpu():
+        pytest.skip("this CPU has no AVX2 and FMA: the cpp backend has no fused product")
+    return cpp
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("case", COSINE_STATS)
+def test_fused_product(case):
+    """The fused product itself, on every CPU that runs it (cosine_stats picks it on AVX2 CPUs without AVX-512)."""
+    assert_cosine_stats(fused_product().fused_cosine_stats, case, torch.float32, "cpu")
+
+
+def test_fused_product_zero_and_nan_rows():
+    assert_zero_and_nan_rows(fused_product().fused_cosine_stats, torch.float32, "cpu")
+
+
+def cpuinfo_isa() -> str:
+    """The vector ISA that /proc/cpuinfo's flags name, by the rule vector_isa_cpu documents."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "portable"
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo to name the CPU's ISA")
+def test_cpp_cosine_stats_picks_the_fused_product_on_avx2_cpus():
+    cpp = primitives("cpp")
+    isa = cpuinfo_isa()
+    assert cpp.C.vector_isa_cpu() == isa
+    assert cpp.C.product_usable_cpu() == (isa != "portable")
+    image, texts = rand(20, 24, seed=8).float(), [t.float() for t in text_sources([30, 5], 24, seed=9)]
+    unfused = _Primitives.cosine_stats(cpp, image, texts, [0, 30, 35], [2.0, 3.0])
+    want = cpp.fused_cosine_stats(image, texts, [0, 30, 35], [2.0, 3.0]) if isa == "avx2" else unfused
+    for got, expected in zip(cpp.cosine_stats(image, texts, [0, 30, 35], [2.0, 3.0]), want):
+        assert torch.equal(got, expected)
+    if isa == "avx2":  # the two paths round differently: the check above can tell them apart
+        assert not all(torch.equal(f, u) for f, u in zip(want, unfused))
 
 
 # ---------------------------------------------------------------- xent (forward and backward)
