@@ -44,22 +44,26 @@ template <class A> ChunkStats<A> chunk_stats_for_cpu() {
   return chunk_stats<A>;
 }
 
+// Folds x[0, len), columns of one segment scaled by `scale`, into the segment's running state, chunk by chunk.
+template <class A> void fold_segment(const A* x, std::int64_t len, A scale, ChunkStats<A> chunk, LseState<A>& st,
+                                     A& seg_min) {
+  for (std::int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    A max, min, sum;
+    chunk(x + c0, std::min(kChunk, len - c0), scale, max, min, sum);
+    st = lse_merge(st, LseState<A>{max, sum});
+    seg_min = min < seg_min ? min : seg_min;
+  }
+}
+
 template <class A> void segment_rows(const A* cos, std::int64_t N, std::int64_t begin, std::int64_t end,
                                      const std::int64_t* offsets, const A* scales, std::int64_t S, A* out_max,
                                      A* out_min, A* out_lse, ChunkStats<A> chunk) {
   for (std::int64_t b = begin; b < end; ++b) {
     const A* row = cos + b * N;
     for (std::int64_t s = 0; s < S; ++s) {
-      const A scale = scales[s];
       LseState<A> st = lse_empty<A>();
       A seg_min = infinity<A>();
-      for (std::int64_t c0 = offsets[s]; c0 < offsets[s + 1]; c0 += kChunk) {
-        const std::int64_t len = std::min(kChunk, offsets[s + 1] - c0);
-        A max, min, sum;
-        chunk(row + c0, len, scale, max, min, sum);
-        st = lse_merge(st, LseState<A>{max, sum});
-        seg_min = min < seg_min ? min : seg_min;
-      }
+      fold_segment(row + offsets[s], offsets[s + 1] - offsets[s], scales[s], chunk, st, seg_min);
       segment_finish(st, seg_min, out_max + b * S + s, out_min + b * S + s, out_lse + b * S + s);
     }
   }
@@ -233,6 +237,7 @@ struct SegmentEpilogue {
   const float* scales;
   std::int64_t S;
   float *out_max, *out_min, *out_lse;
+  ChunkStats<float> chunk = chunk_stats_for_cpu<float>();
 
   void block(std::int64_t r0, std::int64_t rows, std::int64_t n0, std::int64_t cols, const float* strip,
              std::int64_t ldc) const {
@@ -250,12 +255,7 @@ struct SegmentEpilogue {
         const std::int64_t lo = std::max(offsets[s], n0), hi = std::min(offsets[s + 1], n0 + cols);
         LseState<float> st{out_max[at + s], out_lse[at + s]};
         float seg_min = out_min[at + s];
-        for (std::int64_t c0 = lo; c0 < hi; c0 += kChunk) {
-          float max, min, sum;
-          chunk_stats_256(strip + r * ldc + (c0 - n0), std::min(kChunk, hi - c0), scales[s], max, min, sum);
-          st = lse_merge(st, LseState<float>{max, sum});
-          seg_min = min < seg_min ? min : seg_min;
-        }
+        fold_segment(strip + r * ldc + (lo - n0), hi - lo, scales[s], chunk, st, seg_min);
         out_max[at + s] = st.max;
         out_lse[at + s] = st.sum;
         out_min[at + s] = seg_min;
